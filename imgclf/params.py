@@ -1,0 +1,217 @@
+"""Load and validate params.yaml at the start of every stage.
+
+Every message names the key, the value received and the fix. Unknown keys (a typo such as `trian:`)
+are reported with the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgclf.backbones import BACKBONES, resolve_weights_path
+from imgclf.errors import UserError
+
+# The shape of params.yaml: a type, a tuple of allowed strings, or a nested section.
+TRAIN_KEYS: dict[str, Any] = {
+    "epochs": "posint",
+    "batch_size": "posint",
+    "lr": "posfloat",
+    "heads": "posint",
+    "key_dim": "posint",
+    "dense_units": "posint",
+    "dropout": "fraction",
+    "noise_stddev": "nonnegfloat",
+    "early_stopping": {"monitor": ("val_loss", "val_accuracy"), "patience": "nonnegint"},
+}
+SCHEMA: dict[str, Any] = {
+    "base": {"seed": "nonnegint"},
+    "data": {
+        "root": "str",
+        "min_side": "posint",
+        "max_pixels": "posint",
+        "background": "rgb",
+        "use_provided_splits": "bool",
+        "label_conflicts": ("skip", "majority"),
+    },
+    "eda": {"samples_per_class": "posint"},
+    "split": {"val": "fraction", "test": "fraction"},
+    "balance": {"method": ("none", "random_over")},
+    "backbones": "backbones",
+    "features": {
+        "weights": "str",
+        "image_size": "posint",
+        "preprocessing": ("backbone", "rescale"),
+        "batch_size": "posint",
+    },
+    "train": {**TRAIN_KEYS, "overrides": "overrides"},
+    "fine_tune": {"layers": "nonnegint", "lr": "posfloat", "epochs": "posint", "batch_size": "posint"},
+    "evaluate": {"bootstrap": "posint", "confidence": "fraction", "attention_images_per_class": "nonnegint"},
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and validate params.yaml; return the params with numbers normalised (1e-3 -> 0.001)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no params file at {path}; run from the project root (where params.yaml is)")
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must be a mapping of sections (base, data, ...); got {type(params).__name__}")
+    return validate(params)
+
+
+def validate(params: dict[str, Any]) -> dict[str, Any]:
+    checked = _check_section(params, SCHEMA, "")
+    _check_cross(checked)
+    return checked
+
+
+def _check_section(values: dict[str, Any], schema: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in values:
+        if key not in schema:
+            near = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f"did you mean {prefix}{near[0]!r}?" if near else f"valid keys: {', '.join(schema)}"
+            raise UserError(f"unknown key {prefix}{key!r} in params.yaml; {hint}")
+    for key, rule in schema.items():
+        name = f"{prefix}{key}"
+        if key not in values:
+            raise UserError(f"params.yaml is missing {name}; add it (see README, 'Parameters')")
+        value = values[key]
+        if isinstance(rule, dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{name} must be a section of keys ({', '.join(rule)}); got {value!r}")
+            out[key] = _check_section(value, rule, f"{name}.")
+        else:
+            out[key] = _check_value(name, value, rule)
+    return out
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise UserError(f"{name}={value!r} must be a number")
+    if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"{name}={value!r} must be a number") from None
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise UserError(f"{name}={value!r} must be a whole number")
+        return value
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
+def _check_value(name: str, value: Any, rule: Any) -> Any:
+    if isinstance(rule, tuple):
+        if value not in rule:
+            raise UserError(f"{name}={value!r} is not one of: {', '.join(rule)}")
+        return value
+    if rule == "str":
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{name}={value!r} must be a non-empty string")
+        return value
+    if rule == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{name}={value!r} must be true or false")
+        return value
+    if rule in ("posint", "nonnegint"):
+        number = _number(name, value, int)
+        if number < (1 if rule == "posint" else 0):
+            raise UserError(f"{name}={value!r} must be {'positive' if rule == 'posint' else 'zero or more'}")
+        return number
+    if rule in ("posfloat", "nonnegfloat", "fraction"):
+        number = _number(name, value, float)
+        if rule == "posfloat" and number <= 0:
+            raise UserError(f"{name}={value!r} must be positive")
+        if rule == "nonnegfloat" and number < 0:
+            raise UserError(f"{name}={value!r} must be zero or more")
+        if rule == "fraction" and not 0 < number < 1:
+            raise UserError(f"{name}={value!r} must be strictly between 0 and 1")
+        return number
+    if rule == "rgb":
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value)) or not all(
+            0 <= v <= 255 for v in value
+        ):
+            raise UserError(f"{name}={value!r} must be a list of three integers 0-255 (R, G, B)")
+        return list(value)
+    if rule == "backbones":
+        if not isinstance(value, list) or not value:
+            raise UserError(f"{name} must be a non-empty list; known backbones: {', '.join(BACKBONES)}")
+        for item in value:
+            if item not in BACKBONES:
+                raise UserError(f"{name} lists unknown backbone {item!r}; known backbones: {', '.join(BACKBONES)}")
+        if len(set(value)) != len(value):
+            raise UserError(f"{name}={value!r} lists a backbone twice")
+        return list(value)
+    if rule == "overrides":
+        value = value or {}
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must map backbone names to train keys, e.g. {{xception: {{lr: 0.0005}}}}")
+        out = {}
+        for bb, section in value.items():
+            if bb not in BACKBONES:
+                raise UserError(f"{name} names unknown backbone {bb!r}; known backbones: {', '.join(BACKBONES)}")
+            if not isinstance(section, dict):
+                raise UserError(f"{name}.{bb} must be a section of train keys; got {section!r}")
+            for key in section:
+                if key not in TRAIN_KEYS:
+                    near = difflib.get_close_matches(str(key), list(TRAIN_KEYS), n=1)
+                    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(TRAIN_KEYS)}"
+                    raise UserError(f"unknown key {name}.{bb}.{key!r}; {hint}")
+            out[bb] = {
+                k: (
+                    _check_section(v, TRAIN_KEYS[k], f"{name}.{bb}.{k}.")
+                    if isinstance(TRAIN_KEYS[k], dict)
+                    else _check_value(f"{name}.{bb}.{k}", v, TRAIN_KEYS[k])
+                )
+                for k, v in section.items()
+            }
+        return out
+    raise AssertionError(f"unhandled rule {rule!r}")
+
+
+def _check_cross(params: dict[str, Any]) -> None:
+    split = params["split"]
+    if split["val"] + split["test"] >= 1:
+        raise UserError(
+            f"split.val={split['val']} and split.test={split['test']} add up to "
+            f"{split['val'] + split['test']:g}, leaving no training data; keep their sum below 1 (e.g. 0.15 and 0.15)"
+        )
+    size = params["features"]["image_size"]
+    for name in params["backbones"]:
+        minimum = BACKBONES[name].min_size
+        if size < minimum:
+            raise UserError(
+                f"features.image_size={size} is below {name}'s minimum of {minimum}; "
+                f"raise it or drop {name} from backbones"
+            )
+    weights = params["features"]["weights"]
+    if weights not in ("imagenet", "none"):
+        for name in params["backbones"]:
+            if resolve_weights_path(weights, BACKBONES[name]) is None:
+                raise UserError(
+                    f"features.weights={weights!r} is not imagenet, none, or an existing weights file for "
+                    f"{name} ({Path(weights.replace('{backbone}', name)).expanduser()} not found); fix the path, "
+                    "or use imagenet (Keras' download and cache) or none (random init, smoke runs only)"
+                )
+
+
+def train_params(params: dict[str, Any], backbone: str) -> dict[str, Any]:
+    """The train section for one backbone: defaults with its `train.overrides.<backbone>` applied."""
+    merged = {k: v for k, v in params["train"].items() if k != "overrides"}
+    for key, value in params["train"]["overrides"].get(backbone, {}).items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    return merged

@@ -1,0 +1,42 @@
+"""eda: class count plot, pie chart and a grid of sample images per class, from the manifest.
+
+python stages/eda.py --manifest data/prepared/manifest.csv --out-dir plots/eda
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from imgclf.data import class_counts
+from imgclf.errors import stage_main
+from imgclf.io import write_csv
+from imgclf.params import load_params
+from imgclf.plots import class_count_plot, class_pie_chart, sample_grid
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params()
+
+    manifest = pd.read_csv(args.manifest, keep_default_na=False)
+    kept = manifest[manifest.status == "ok"]
+    counts = class_counts(kept)
+    write_csv(pd.DataFrame({"label": list(counts), "count": list(counts.values())}), args.out_dir / "class_counts.csv")
+    class_count_plot(counts, args.out_dir / "class_counts.png")
+    class_pie_chart(counts, args.out_dir / "class_pie.png")
+    sample_grid(
+        kept,
+        params["data"]["root"],
+        args.out_dir / "samples.png",
+        per_class=params["eda"]["samples_per_class"],
+        seed=params["base"]["seed"],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""prepare: every file found is accounted for; hostile files get the expected status and reason."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_dataset
+from PIL import Image
+
+from imgclf.data import ScanOptions, check_classes, resolve_conflicts, scan_folder, summary_line
+from imgclf.errors import UserError
+from imgclf.images import load_image
+
+RGB = np.array([[[200, 30, 60]] * 24] * 24, dtype=np.uint8)  # (24, 24, 3)
+
+
+def png_bytes(im: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **kwargs)
+    return buf.getvalue()
+
+
+def jpeg_bytes(im: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=95, **kwargs)
+    return buf.getvalue()
+
+
+def exif_rotated() -> bytes:
+    im = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8))  # 40 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    return jpeg_bytes(im, exif=exif.tobytes())
+
+
+def palette_with_transparency() -> bytes:
+    im = Image.fromarray(RGB).convert("P")
+    return png_bytes(im, transparency=0)
+
+
+def gray16() -> bytes:
+    data = np.full((24, 24), 32768, dtype=np.uint16)
+    data[0, 0] = 65535
+    return png_bytes(Image.fromarray(data))
+
+
+def rgba_transparent() -> bytes:
+    data = np.zeros((24, 24, 4), dtype=np.uint8)  # fully transparent black
+    return png_bytes(Image.fromarray(data, mode="RGBA"))
+
+
+def truncated() -> bytes:
+    return png_bytes(Image.fromarray(RGB))[:-40]
+
+
+# name (relative to root) -> (bytes factory, expected status, expected reason fragment)
+HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
+    "cat/plain rgb.png": (lambda: png_bytes(Image.fromarray(RGB)), "ok", ""),
+    "cat/grayscale.png": (lambda: png_bytes(Image.fromarray(RGB[..., 0])), "ok", ""),
+    "cat/cmyk.jpg": (lambda: jpeg_bytes(Image.fromarray(RGB).convert("CMYK")), "ok", ""),
+    "cat/rgba.png": (rgba_transparent, "ok", ""),
+    "cat/palette.png": (palette_with_transparency, "ok", ""),
+    "cat/gray16.png": (gray16, "ok", ""),
+    "cat/rotated.jpg": (exif_rotated, "ok", ""),
+    "cat/ñandú été 猫.png": (lambda: png_bytes(Image.fromarray(RGB[:, :, ::-1])), "ok", ""),
+    "cat/truncated.png": (truncated, "skipped", "truncated or corrupt"),
+    "cat/garbage.jpg": (lambda: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "skipped", "not a decodable image"),
+    "cat/truncated.jpg": (lambda: jpeg_bytes(Image.fromarray(RGB))[:300], "skipped", "truncated or corrupt"),
+    "cat/empty.png": (lambda: b"", "skipped", "empty file"),
+    "cat/text.png": (lambda: b"this is not an image\n" * 10, "skipped", "not a decodable image"),
+    "cat/bomb.png": (lambda: png_bytes(Image.new("L", (200, 200))), "skipped", "decompression bomb"),
+    "cat/tiny.png": (lambda: png_bytes(Image.new("RGB", (8, 8))), "skipped", "too small"),
+    "cat/.DS_Store": (lambda: b"\x00\x00\x00\x01Bud1", "skipped", "hidden or system file"),
+    "cat/Thumbs.db": (lambda: b"\xd0\xcf\x11\xe0", "skipped", "hidden or system file"),
+    "cat/._plain.png": (lambda: b"\x00\x05\x16\x07", "skipped", "hidden or system file"),
+    "cat/notes.txt": (lambda: b"acquired 2024", "skipped", "not an image extension"),
+    "stray.png": (lambda: png_bytes(Image.fromarray(RGB)), "skipped", "not in a class folder"),
+    "dog/dog.png": (lambda: png_bytes(Image.fromarray(RGB[::-1])), "ok", ""),
+}
+OPTIONS = ScanOptions(min_side=16, max_pixels=10_000)  # 200x200 = 40,000 pixels > 2x the limit: a "bomb"
+
+
+@pytest.fixture
+def hostile_root(tmp_path: Path) -> Path:
+    root = tmp_path / "hostile"
+    for name, (factory, _, _) in HOSTILE.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(factory())
+    os.symlink(root / "cat", root / "cat" / "loop")  # a symlink loop must not hang the scan
+    return root
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_file_gets_expected_status(hostile_root: Path, name: str) -> None:
+    manifest = scan_folder(hostile_root, OPTIONS).set_index("path")
+    _, status, reason = HOSTILE[name]
+    assert manifest.loc[name, "status"] == status, manifest.loc[name, "reason"]
+    assert reason in manifest.loc[name, "reason"]
+
+
+def test_every_file_is_accounted_for(hostile_root: Path) -> None:
+    manifest = scan_folder(hostile_root, OPTIONS)
+    kept = (manifest.status == "ok").sum()
+    skipped = (manifest.status == "skipped").sum()
+    assert len(manifest) == kept + skipped
+    assert set(HOSTILE) <= set(manifest.path)
+    assert not manifest.path.duplicated().any()
+    assert summary_line(manifest).startswith(f"found {len(manifest)} files: kept {kept}, skipped {skipped}")
+
+
+def test_unusual_images_load_correctly_as_rgb(hostile_root: Path) -> None:
+    load = lambda name: load_image(hostile_root / name, 24)  # noqa: E731
+    assert load("cat/rgba.png")[0, 0].tolist() == [255, 255, 255]  # transparent -> white background
+    assert load("cat/gray16.png")[1, 1].tolist() == [128, 128, 128]  # 32768/65535 scaled, not clipped to 255
+    assert load("cat/gray16.png")[0, 0].tolist() == [255, 255, 255]
+    assert np.abs(load("cat/cmyk.jpg")[5, 5] - [200, 30, 60]).max() < 12  # CMYK -> the original colour
+    assert load("cat/ñandú été 猫.png").shape == (24, 24, 3)
+    manifest = scan_folder(hostile_root, OPTIONS).set_index("path")
+    assert manifest.loc["cat/rotated.jpg", ["width", "height"]].tolist() == [20, 40]  # EXIF orientation applied
+    assert manifest.loc["cat/cmyk.jpg", "mode"] == "CMYK"
+    assert manifest.loc["cat/gray16.png", "mode"].startswith("I")
+
+
+def test_label_conflict_skip_rule_and_same_label_duplicates(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", {"a": 3, "b": 3})
+    same = (root / "a" / "a_000.png").read_bytes()
+    (root / "b" / "copy_of_a.png").write_bytes(same)  # conflict: same content under a and b
+    (root / "a" / "dup.png").write_bytes(same)  # same label: fine
+    manifest, report = resolve_conflicts(scan_folder(root), "skip")
+    conflicted = manifest[manifest.reason.str.startswith("label conflict")]
+    assert sorted(conflicted.path) == ["a/a_000.png", "a/dup.png", "b/copy_of_a.png"]
+    assert len(report) == 3 and not report.kept.any()
+
+    manifest, report = resolve_conflicts(scan_folder(root), "majority")  # a has 2 copies, b has 1
+    assert manifest.set_index("path").loc["a/dup.png", "status"] == "ok"
+    assert manifest.set_index("path").loc["b/copy_of_a.png", "status"] == "skipped"
+
+
+def test_training_testing_layout_keeps_class_labels(tmp_path: Path) -> None:
+    root = tmp_path / "mri"
+    make_dataset(root / "Training", {"glioma": 4, "notumor": 4})
+    make_dataset(root / "Testing", {"glioma": 2, "notumor": 2}, seed=1)
+    manifest = scan_folder(root)
+    assert set(manifest.label) == {"glioma", "notumor"}
+    assert set(manifest.provided_split) == {"train", "test"}
+    assert check_classes(manifest) == ["glioma", "notumor"]
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: root.mkdir(), "holds no files"),
+        (lambda root: make_dataset(root, {"only": 3}), "at least two"),
+        (
+            lambda root: (
+                make_dataset(root, {"a": 3, "b": 3}),
+                (root / "c").mkdir(),
+                (root / "c" / "x.png").write_bytes(b""),
+            ),
+            "'c' hold no usable image",
+        ),
+    ],
+    ids=["missing root", "empty root", "one class", "class without usable image"],
+)
+def test_data_problems_stop_with_a_clear_message(tmp_path: Path, setup, message: str) -> None:
+    root = tmp_path / "root"
+    setup(root)
+    with pytest.raises(UserError, match=message):
+        check_classes(scan_folder(root))

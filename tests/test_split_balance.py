@@ -1,0 +1,96 @@
+"""split is stratified and never shares content between splits; balance equalises train only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import dvc, make_dataset, make_project, update_params
+
+from imgclf.data import balance_train, class_counts, resolve_conflicts, scan_folder, split_manifest
+from imgclf.errors import UserError
+
+COUNTS = {"a": 60, "b": 30, "c": 20}
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> pd.DataFrame:
+    root = make_dataset(tmp_path / "d", COUNTS)
+    for i in range(5):  # exact duplicates under one label must stay together
+        (root / "a" / f"dup_{i}.png").write_bytes((root / "a" / f"a_{i:03d}.png").read_bytes())
+    return scan_folder(root)
+
+
+def test_split_is_stratified_and_shares_no_content(manifest: pd.DataFrame) -> None:
+    splits = split_manifest(manifest, val=0.2, test=0.2, seed=3)
+    hashes = {name: set(df.sha256) for name, df in splits.items()}
+    assert not hashes["train"] & hashes["val"]
+    assert not hashes["train"] & hashes["test"]
+    assert not hashes["val"] & hashes["test"]
+    assert sum(len(df) for df in splits.values()) == (manifest.status == "ok").sum()
+    for label, n in COUNTS.items():
+        for name, frac in (("val", 0.2), ("test", 0.2)):
+            got = (splits[name].label == label).sum()
+            assert abs(got - n * frac) <= 3, (label, name, got)  # duplicates move whole groups
+
+
+def test_split_is_repeatable_and_seeded(manifest: pd.DataFrame) -> None:
+    first = split_manifest(manifest, 0.2, 0.2, seed=3)
+    again = split_manifest(manifest, 0.2, 0.2, seed=3)
+    other = split_manifest(manifest, 0.2, 0.2, seed=4)
+    assert all(first[k].equals(again[k]) for k in first)
+    assert not first["test"].path.equals(other["test"].path)
+
+
+def test_class_too_small_names_class_count_and_minimum(tmp_path: Path) -> None:
+    manifest = scan_folder(make_dataset(tmp_path / "d", {"big": 20, "rare": 2}))
+    with pytest.raises(UserError, match=r"class 'rare' has 2 unique image\(s\).*at least 4"):
+        split_manifest(manifest, val=0.15, test=0.15, seed=0)
+
+
+def test_provided_test_folder_is_kept_and_its_copies_follow_it(tmp_path: Path) -> None:
+    root = tmp_path / "mri"
+    make_dataset(root / "Training", {"glioma": 20, "notumor": 20})
+    make_dataset(root / "Testing", {"glioma": 5, "notumor": 5}, seed=1)
+    leaked = root / "Training" / "glioma" / "leaked.png"
+    leaked.write_bytes((root / "Testing" / "glioma" / "glioma_000.png").read_bytes())
+    manifest, _ = resolve_conflicts(scan_folder(root), "skip")
+    splits = split_manifest(manifest, val=0.2, test=0.2, seed=0, use_provided_splits=True)
+    assert set(splits["test"].provided_split) == {"test", "train"}  # Testing/ plus the leaked copy
+    assert "Training/glioma/leaked.png" in set(splits["test"].path)
+    assert (splits["test"].provided_split == "test").sum() == 10
+    assert set(splits["train"].provided_split) == {"train"}
+    pooled = split_manifest(manifest, val=0.2, test=0.2, seed=0, use_provided_splits=False)
+    assert abs(len(pooled["test"]) - 0.2 * 51) <= 2  # everything pooled, then split by the ratios
+    assert sum(len(df) for df in pooled.values()) == 51  # 50 made + the leaked copy
+
+
+def test_balance_equalises_train_only(manifest: pd.DataFrame) -> None:
+    splits = split_manifest(manifest, 0.2, 0.2, seed=3)
+    balanced = balance_train(splits["train"], "random_over", seed=3)
+    counts = class_counts(balanced)
+    assert len(set(counts.values())) == 1
+    assert max(counts.values()) == max(class_counts(splits["train"]).values())
+    assert set(balanced.path) == set(splits["train"].path)  # only copies of training rows
+    assert balance_train(splits["train"], "none", seed=3).equals(splits["train"])
+
+
+@pytest.mark.slow
+def test_dvc_repro_data_stages_end_to_end(tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    make_dataset(project / "images", {"a": 20, "b": 12, "c": 8})
+    (project / "images" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    update_params(project, {"data.root": "images"})
+    result = dvc(project, "repro", "balance", "eda")
+    assert "found 41 files: kept 40, skipped 1" in result.stderr + result.stdout
+    manifest = pd.read_csv(project / "data/prepared/manifest.csv", keep_default_na=False)
+    assert len(manifest) == 41
+    balanced = pd.read_csv(project / "data/balanced/train.csv")
+    assert len(set(class_counts(balanced).values())) == 1
+    test = pd.read_csv(project / "data/split/test.csv")
+    assert class_counts(test) != {}  # test keeps the true, imbalanced distribution
+    assert (project / "metrics/data.json").is_file()
+    for name in ("class_counts.png", "class_pie.png", "samples.png", "class_counts.csv"):
+        assert (project / "plots/eda" / name).stat().st_size > 0
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
