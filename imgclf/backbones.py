@@ -60,7 +60,12 @@ def get_backbone(name: str) -> Backbone:
 
 def keras_cache_dir() -> Path:
     """Where Keras caches downloaded weights: $KERAS_HOME/models, else ~/.keras/models."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:  # Keras decides at import (and falls back to /tmp/.keras when ~ is read-only): ask it
+        from keras.src.backend import config
+
+        home = config.keras_home()
+    except (ImportError, AttributeError):
+        home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home) / "models"
 
 

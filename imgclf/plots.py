@@ -57,13 +57,15 @@ def sample_grid(
     save_figure(fig, path)
 
 
-def history_plot(history: dict[str, list[float]], path: str | Path, title: str) -> None:
-    """Accuracy and loss per epoch, train and validation side by side."""
+def history_plot(history: dict[str, list[float]], path: str | Path, title: str, best_epoch: int | None = None) -> None:
+    """Accuracy and loss per epoch, train and validation side by side; a dashed line at the restored epoch."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history["loss"]) + 1)
     for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
         ax.plot(epochs, history[metric], marker="o", label="train")
         ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best (restored): {best_epoch}")
         ax.set(title=f"{title}: {metric}", xlabel="epoch", ylabel=metric)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -84,4 +86,40 @@ def confusion_heatmap(matrix: np.ndarray, classes: list[str], path: str | Path, 
             data, annot=True, fmt=fmt, cmap="Blues", cbar=False, xticklabels=classes, yticklabels=classes, ax=ax
         )
         ax.set(title=f"{title} ({name})", xlabel="predicted", ylabel="actual")
+    save_figure(fig, path)
+
+
+def attention_overlay(
+    images: list[np.ndarray], maps: np.ndarray, titles: list[str], rows: int, path: str | Path, title: str
+) -> None:
+    """Each image with the head's attention over spatial positions (upsampled, bilinear) laid over it."""
+    from PIL import Image
+
+    cols = max(1, int(np.ceil(len(images) / rows)))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, amap, label) in enumerate(zip(images, maps, titles, strict=True)):
+        ax = axes.flat[i]
+        size = image.shape[:2][::-1]
+        scaled = (amap - amap.min()) / (np.ptp(amap) or 1.0)
+        heat = np.asarray(Image.fromarray(scaled.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+        ax.imshow(image.astype(np.uint8))
+        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(label, fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def comparison_plot(summary: pd.DataFrame, path: str | Path) -> None:
+    """Accuracy and macro F1 per model, with their bootstrap intervals as error bars."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(summary) + 2.5), sharey=True)
+    for ax, metric in zip(axes, ("accuracy", "macro_f1"), strict=True):
+        values = summary[metric].to_numpy()
+        err = np.abs(np.stack([summary[f"{metric}_low"], summary[f"{metric}_high"]]) - values)
+        ax.barh(summary["model"], values, xerr=err, color=sns.color_palette("viridis", len(summary)), capsize=4)
+        for y, v in enumerate(values):
+            ax.text(0.01, y, f"{v:.3f}", va="center", color="white", fontsize=9)
+        ax.set(xlim=(0, 1), title=f"test {metric} (with interval)", xlabel=metric)
+        ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)

@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # What a temporary project needs: the pipeline definition, the code, the params.
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "pyproject.toml"]
 
+E2E_BACKBONES = ["vgg16", "mobilenet"]  # the fastest two; every registry entry is built in test_backbones.py
+TINY = {
+    "data.root": "images",
+    "backbones": E2E_BACKBONES,
+    "features.weights": "none",
+    "features.image_size": 64,  # a 2x2 feature map: the attention has positions to choose from
+    "train.epochs": 6,
+    "train.early_stopping.patience": 3,
+    "evaluate.bootstrap": 200,
+    "evaluate.attention_images_per_class": 1,
+    "split.val": 0.2,
+    "split.test": 0.25,
+}
+
 
 def shape_image(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """A (size, size) uint8 image whose class is visible: 0 horizontal bar, 1 vertical bar, 2 square, 3 ring."""
@@ -72,6 +86,8 @@ def make_project(tmp_path: Path, params_update: dict[str, Any] | None = None) ->
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], project)
     if params_update:
         update_params(project, params_update)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "start"], project)  # dvclive needs a commit to log in a git repository
     return project
 
 

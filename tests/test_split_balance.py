@@ -93,4 +93,4 @@ def test_dvc_repro_data_stages_end_to_end(tmp_path: Path) -> None:
     assert (project / "metrics/data.json").is_file()
     for name in ("class_counts.png", "class_pie.png", "samples.png", "class_counts.csv"):
         assert (project / "plots/eda" / name).stat().st_size > 0
-    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
+    assert "Data and pipelines are up to date" in dvc(project, "status", "balance", "eda").stdout

@@ -1,0 +1,82 @@
+"""Command line: `python -m imgclf predict ...` (also installed as `imgclf predict ...`).
+
+Exit codes: 0 every image classified; 3 some images could not be read (they get a row with the
+error and no label); 2 a usage problem (no such model, unknown backbone, no input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from imgclf.errors import USER_ERROR_EXIT, UserError, setup_logging
+
+SOME_FAILED_EXIT = 3
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from imgclf.backbones import BACKBONES
+
+    models_dir = Path(args.models_dir)
+    if args.backbone == "ensemble":
+        names = [name for name in BACKBONES if (models_dir / name / "model.keras").is_file()]
+        if not names:
+            raise UserError(f"no trained models in {models_dir}; run `dvc repro` or pass --models-dir")
+    elif args.backbone in BACKBONES:
+        names = [args.backbone]
+    else:
+        raise UserError(
+            f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
+        )
+    from imgclf.predict import Classifier, classify, find_images
+
+    paths = find_images(args.inputs)
+    classifiers = [Classifier.load(models_dir / name) for name in names]
+    table = classify(classifiers, paths, batch_size=args.batch_size)
+    if args.out:
+        from imgclf.io import write_csv
+
+        write_csv(table, args.out)
+    else:
+        table.to_csv(sys.stdout, index=False, lineterminator="\n")
+    failed = int((table.error != "").sum())
+    print(
+        f"predict: {len(table) - failed} of {len(table)} images classified with {' + '.join(names)}"
+        + (f"; {failed} could not be read (see the error column)" if failed else ""),
+        file=sys.stderr,
+    )
+    return SOME_FAILED_EXIT if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgclf", description="imgclf: classify images with trained models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    predict = sub.add_parser(
+        "predict",
+        help="classify image files and folders; CSV to stdout or --out",
+        description="Classify image files and folders (recursively) with a trained backbone or the ensemble.",
+    )
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders")
+    predict.add_argument("--backbone", required=True, help="vgg16 | vgg19 | mobilenet | xception | ensemble")
+    predict.add_argument(
+        "--models-dir", default="models", help="folder holding <backbone>/model.keras (default: models)"
+    )
+    predict.add_argument("--out", help="write the CSV here instead of stdout")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (memory)")
+    predict.set_defaults(func=predict_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Honest numbers on the test split: point metrics, per-class metrics, ROC AUC, bootstrap intervals.
+
+Backbones and the ensemble are evaluated by the same function (`evaluate_and_write`), from class
+probabilities, so their rows in the comparison are computed exactly alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from imgclf.io import write_csv, write_json, write_text
+
+DIGITS = 6  # metrics are rounded so that diffs stay readable; far below any meaningful difference
+
+
+def _r(x: float) -> float:
+    return round(float(x), DIGITS)
+
+
+def probability_columns(classes: list[str]) -> list[str]:
+    return [f"p_{c}" for c in classes]
+
+
+def predictions_frame(paths: list[str], actual: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """path, actual, predicted, and one probability column per class."""
+    frame = pd.DataFrame({"path": paths, "actual": actual, "predicted": np.asarray(classes)[probs.argmax(axis=1)]})
+    return pd.concat([frame, pd.DataFrame(probs, columns=probability_columns(classes))], axis=1)
+
+
+def bootstrap_interval(
+    y_true: np.ndarray, y_pred: np.ndarray, n: int, confidence: float, seed: int
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals (resampling test images with replacement) for accuracy and macro F1."""
+    rng = np.random.default_rng(seed)
+    labels = np.unique(np.concatenate([y_true, y_pred]))
+    acc, f1 = np.empty(n), np.empty(n)
+    for i in range(n):
+        idx = rng.integers(0, len(y_true), len(y_true))
+        acc[i] = np.mean(y_true[idx] == y_pred[idx])
+        f1[i] = f1_score(y_true[idx], y_pred[idx], labels=labels, average="macro", zero_division=0)
+    tail = (1 - confidence) / 2 * 100
+    return {
+        "accuracy": [_r(np.percentile(acc, tail)), _r(np.percentile(acc, 100 - tail))],
+        "macro_f1": [_r(np.percentile(f1, tail)), _r(np.percentile(f1, 100 - tail))],
+    }
+
+
+def compute_metrics(
+    actual: list[str], probs: np.ndarray, classes: list[str], n_bootstrap: int, confidence: float, seed: int
+) -> dict[str, Any]:
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[a] for a in actual])
+    y_pred = probs.argmax(axis=1)
+    k = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=k, zero_division=0)
+    metrics: dict[str, Any] = {
+        "test_images": len(y_true),
+        "accuracy": _r(accuracy_score(y_true, y_pred)),
+        "loss": _r(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=k)),
+        "per_class": {
+            c: {"precision": _r(p[i]), "recall": _r(r[i]), "f1": _r(f[i]), "support": int(s[i])}
+            for i, c in enumerate(classes)
+        },
+    }
+    for avg in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=k, average=avg, zero_division=0)
+        metrics[avg] = {"precision": _r(ap), "recall": _r(ar), "f1": _r(af)}
+    present = np.unique(y_true)
+    if len(present) == len(classes):
+        normalised = probs / probs.sum(axis=1, keepdims=True)
+        metrics["roc_auc_ovr_macro"] = _r(roc_auc_score(y_true, normalised, multi_class="ovr", labels=k))
+    else:  # AUC is undefined for a class absent from the test split
+        metrics["roc_auc_ovr_macro"] = None
+    ci = bootstrap_interval(y_true, y_pred, n_bootstrap, confidence, seed)
+    metrics["ci"] = {"level": confidence, "resamples": n_bootstrap, **ci}
+    return metrics
+
+
+def evaluate_and_write(
+    name: str,
+    paths: list[str],
+    actual: list[str],
+    probs: np.ndarray,
+    classes: list[str],
+    metrics_path: str | Path,
+    plot_dir: str | Path,
+    n_bootstrap: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Write metrics JSON, predictions.csv, classification_report.txt and confusion.png for one model."""
+    from imgclf.plots import confusion_heatmap
+
+    plot_dir = Path(plot_dir)
+    metrics = compute_metrics(actual, probs, classes, n_bootstrap, confidence, seed)
+    write_json(metrics_path, metrics)
+    predictions = predictions_frame(paths, actual, probs, classes)
+    with_format = predictions.copy()
+    for col in probability_columns(classes):
+        with_format[col] = with_format[col].map(lambda v: f"{v:.8f}")
+    write_csv(with_format, plot_dir / "predictions.csv")
+    report = classification_report(actual, predictions.predicted, labels=classes, digits=4, zero_division=0)
+    write_text(plot_dir / "classification_report.txt", f"{name} on the test split ({len(actual)} images)\n\n{report}")
+    matrix = confusion_matrix(actual, predictions.predicted, labels=classes)
+    confusion_heatmap(matrix, classes, plot_dir / "confusion.png", title=name)
+    return metrics
+
+
+def read_predictions(path: str | Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:
+    """predictions.csv -> (frame, classes, probabilities (N, K))."""
+    frame = pd.read_csv(path, keep_default_na=False)
+    columns = [c for c in frame.columns if c.startswith("p_")]
+    return frame, [c[2:] for c in columns], frame[columns].to_numpy(dtype=np.float64)

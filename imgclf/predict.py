@@ -1,0 +1,139 @@
+"""Classify new images with trained models, with exactly the preprocessing used in training.
+
+A `Classifier` is one trained backbone (models/<bb>/model.keras): the same extractor that made the
+training features, then the head. Images go through the shared `load_image` in batches, so memory
+stays flat for large folders; a file that cannot be read gets an error row and does not stop the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from imgclf.errors import UserError
+from imgclf.images import IMAGE_EXTENSIONS, ImageSkip, decode_image, load_image
+from imgclf.io import read_json
+
+MODEL_FILE = "model.keras"
+
+
+@dataclass
+class Classifier:
+    name: str
+    extractor: Any
+    head: Any
+    info: dict[str, Any]
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Classifier:
+        from imgclf.model import load_model
+
+        model_dir = Path(model_dir)
+        if not (model_dir / MODEL_FILE).is_file() or not (model_dir / "info.json").is_file():
+            raise UserError(
+                f"no trained model in {model_dir} (expected {MODEL_FILE} and info.json); "
+                "run `dvc repro` first, or pass --models-dir pointing at the folder that holds <backbone>/model.keras"
+            )
+        full = load_model(str(model_dir / MODEL_FILE))
+        info = read_json(model_dir / "info.json")
+        return cls(info["backbone"], full.get_layer(f"{info['backbone']}_extractor"), full.get_layer("head"), info)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.info["image_size"])
+
+    def features(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
+        """Feature maps (N, h, w, C) of readable images, computed as features@<bb> computes them."""
+        from imgclf.features import extract_to_array
+
+        shape = tuple(int(d) for d in self.extractor.output.shape[1:])
+        out = np.empty((len(paths), *shape), dtype=np.float32)
+        extract_to_array(self.extractor, paths, self.image_size, batch_size, out, desc=self.name)
+        return out
+
+    def predict_features(self, features: np.ndarray) -> np.ndarray:
+        return self.head.predict(features, batch_size=256, verbose=0)  # (N, K)
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively, image extensions, hidden files left out) into a sorted list."""
+    inputs = list(inputs)
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
+        elif path.exists():
+            found.append(path)
+        else:
+            raise UserError(f"input {str(path)!r} does not exist; give image files or folders of images")
+    if not found:
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise UserError(f"no images found in {', '.join(map(str, inputs))} (looked for {extensions})")
+    return found
+
+
+def readable(paths: list[Path]) -> dict[Path, str]:
+    """The unreadable paths with the reason, decoding each fully (as prepare does)."""
+    errors = {}
+    for path in paths:
+        try:
+            decode_image(path)
+        except ImageSkip as exc:
+            errors[path] = str(exc)
+        except OSError as exc:
+            errors[path] = f"unreadable ({exc.strerror or exc})"
+    return errors
+
+
+def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int = 32, chunk: int = 512) -> pd.DataFrame:
+    """CSV-ready predictions: path, predicted, one probability per class, error. With several classifiers,
+    their probabilities are averaged (soft voting). Processed in chunks so memory stays flat."""
+    classes = classifiers[0].classes
+    for c in classifiers[1:]:
+        if c.classes != classes:
+            raise UserError(f"models disagree on the classes ({classes} vs {c.classes}); retrain them together")
+    rows = []
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=None, mininterval=2) as bar:
+        for start in range(0, len(paths), chunk):
+            part = paths[start : start + chunk]
+            errors = readable(part)
+            good = [p for p in part if p not in errors]
+            probs = np.zeros((len(good), len(classes)))
+            for clf in classifiers:
+                if good:
+                    probs += clf.predict_features(clf.features(good, batch_size))
+            probs /= len(classifiers)
+            by_path = dict(zip(good, probs, strict=True))
+            for p in part:
+                row: dict[str, Any] = {"path": str(p)}
+                if p in errors:
+                    row.update({"predicted": "", **{f"p_{c}": "" for c in classes}, "error": errors[p]})
+                else:
+                    row.update(
+                        {
+                            "predicted": classes[int(by_path[p].argmax())],
+                            **{f"p_{c}": f"{v:.8f}" for c, v in zip(classes, by_path[p], strict=True)},
+                            "error": "",
+                        }
+                    )
+                rows.append(row)
+            bar.update(len(part))
+    return pd.DataFrame(rows, columns=["path", "predicted", *[f"p_{c}" for c in classes], "error"])
+
+
+__all__ = ["Classifier", "classify", "find_images", "load_image"]

@@ -1,0 +1,165 @@
+"""Fit the attention head on cached features, then (opt-in) fine-tune the top of the backbone on images."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+
+from imgclf.images import load_image
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+class LiveLogger(keras.callbacks.Callback):
+    """Log loss and accuracy (train and validation) per epoch to a dvclive.Live, one step per epoch."""
+
+    def __init__(self, live: Any) -> None:
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        for key in HISTORY_KEYS:
+            if logs and key in logs:
+                self.live.log_metric(key, float(logs[key]))
+        self.live.next_step()
+
+
+def open_live(directory: str | Path) -> Any:
+    """A dvclive.Live that only logs: it does not touch dvc.yaml (declared by hand) nor save experiments."""
+    from scmrepo.exceptions import SCMError
+
+    from dvclive import Live
+    from imgclf.errors import UserError
+
+    try:
+        return Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False)
+    except SCMError as exc:  # dvclive 3.49 fails in a git repository without commits
+        raise UserError(
+            f"dvclive cannot log in this git repository ({exc}); make a first commit "
+            "(git add -A && git commit -m 'start') and run again"
+        ) from exc
+
+
+def compile_model(model: keras.Model, lr: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def fit_head(
+    head: keras.Model,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    params: dict[str, Any],
+    callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    """Adam + sparse cross-entropy; EarlyStopping restores the best weights. Returns the history and timing."""
+    compile_model(head, params["lr"])
+    stopper = keras.callbacks.EarlyStopping(
+        monitor=params["early_stopping"]["monitor"],
+        patience=params["early_stopping"]["patience"],
+        restore_best_weights=True,
+    )
+    start = time.perf_counter()
+    history = head.fit(
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=params["epochs"],
+        batch_size=params["batch_size"],
+        shuffle=True,
+        callbacks=[stopper, *callbacks],
+        verbose=2,
+    )
+    return {
+        "history": {k: [float(v) for v in history.history[k]] for k in HISTORY_KEYS},
+        "epochs_run": len(history.history["loss"]),
+        "best_epoch": int(stopper.best_epoch) + 1,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+class ImageBatches(keras.utils.PyDataset):
+    """Raw image batches (B, S, S, 3) 0..255 with integer labels, loaded by the shared load_image."""
+
+    def __init__(
+        self, paths: list[Path], labels: np.ndarray, image_size: int, batch_size: int, shuffle_seed: int | None = None
+    ) -> None:
+        super().__init__()
+        self.paths, self.labels = paths, labels
+        self.image_size, self.batch_size = image_size, batch_size
+        self.order = np.arange(len(paths))
+        self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        images = np.stack([load_image(self.paths[i], self.image_size) for i in rows])
+        return images, self.labels[rows]
+
+    def on_epoch_end(self) -> None:
+        if self.rng is not None:
+            self.order = self.rng.permutation(len(self.paths))
+
+
+def unfreeze_top(backbone: keras.Model, layers: int) -> list[str]:
+    """Make the top `layers` layers of the backbone trainable; BatchNormalization layers stay frozen
+    (and, since the backbone is called with training=False, in inference mode). Returns their names."""
+    backbone.trainable = True
+    names = []
+    for i, layer in enumerate(backbone.layers):
+        top = i >= len(backbone.layers) - layers
+        layer.trainable = top and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable and layer.weights:
+            names.append(layer.name)
+    return names
+
+
+def fine_tune(
+    full: keras.Model,
+    backbone: keras.Model,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    root: str | Path,
+    classes: list[str],
+    image_size: int,
+    params: dict[str, Any],
+    seed: int,
+    callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    """Train end to end on images with a tiny learning rate, the top `params['layers']` backbone layers unfrozen."""
+    unfrozen = unfreeze_top(backbone, params["layers"])
+    compile_model(full, params["lr"])
+    index = {c: i for i, c in enumerate(classes)}
+
+    def data(frame: pd.DataFrame, shuffle_seed: int | None) -> ImageBatches:
+        paths = [Path(root) / p for p in frame.path]
+        return ImageBatches(paths, frame.label.map(index).to_numpy(), image_size, params["batch_size"], shuffle_seed)
+
+    start = time.perf_counter()
+    history = full.fit(
+        data(train, seed),
+        validation_data=data(val, None),
+        epochs=params["epochs"],
+        callbacks=list(callbacks),
+        verbose=2,
+    )
+    backbone.trainable = False
+    return {
+        "history": {k: [float(v) for v in history.history[k]] for k in HISTORY_KEYS},
+        "unfrozen_layers": unfrozen,
+        "seconds": round(time.perf_counter() - start, 2),
+    }

@@ -1,0 +1,119 @@
+"""train@<backbone>: fit the attention head on cached features (then, opt-in, fine-tune on images).
+
+    python stages/train.py vgg16 --features data/features/vgg16 --split-dir data/split \
+        --train data/balanced/train.csv --model-dir models/vgg16 --live-dir dvclive/train/vgg16 \
+        --plot plots/backbones/vgg16/history.png
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from imgclf.backbones import get_backbone
+from imgclf.errors import log, stage_main
+from imgclf.io import atomic_path, write_json
+from imgclf.params import load_params, train_params
+from imgclf.repro import seed_everything
+
+
+@stage_main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backbone")
+    for name in ("--features", "--split-dir", "--train", "--model-dir", "--live-dir", "--plot"):
+        parser.add_argument(name, type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params()
+    backbone = get_backbone(args.backbone)
+    tp = train_params(params, backbone.name)
+    seed = params["base"]["seed"]
+    seed_everything(seed)
+
+    from imgclf.features import FeatureStore
+    from imgclf.model import backbone_of, build_attention_head, build_end_to_end, count_params
+    from imgclf.plots import history_plot
+    from imgclf.training import LiveLogger, fine_tune, fit_head, open_live
+
+    store = FeatureStore(args.features)
+    train = pd.read_csv(args.train, keep_default_na=False)
+    val = pd.read_csv(args.split_dir / "val.csv", keep_default_na=False)
+    classes = sorted(set(train.label))
+    index = {c: i for i, c in enumerate(classes)}
+    mean, variance = store.channel_stats(train)
+    if store.feature_shape[0] * store.feature_shape[1] == 1:
+        log.warning(
+            "train@%s: the feature map is 1x1 at features.image_size=%d, so attention has one position to look at "
+            "(its query/key weights cannot learn); use 64 px or more for a spatial map",
+            backbone.name,
+            store.info["image_size"],
+        )
+    head = build_attention_head(
+        store.feature_shape,
+        len(classes),
+        heads=tp["heads"],
+        key_dim=tp["key_dim"],
+        dense_units=tp["dense_units"],
+        dropout=tp["dropout"],
+        noise_stddev=tp["noise_stddev"],
+        feature_mean=mean,
+        feature_variance=variance,
+    )
+    y_train, y_val = train.label.map(index).to_numpy(), val.label.map(index).to_numpy()
+    with atomic_path(args.live_dir) as live_tmp, open_live(live_tmp) as live:
+        result = fit_head(head, store.take(train), y_train, store.take(val), y_val, tp, [LiveLogger(live)])
+        history = result["history"]
+        features_info = store.info
+        image_size = features_info["image_size"]
+        extractor = store.extractor()
+        full = build_end_to_end(extractor, head, name=f"{backbone.name}_classifier")
+        fine = None
+        if params["fine_tune"]["layers"] > 0:
+            fine = fine_tune(
+                full,
+                backbone_of(extractor),
+                train,
+                val,
+                root=params["data"]["root"],
+                classes=classes,
+                image_size=image_size,
+                params=params["fine_tune"],
+                seed=seed,
+                callbacks=[LiveLogger(live)],
+            )
+            history = {k: history[k] + fine["history"][k] for k in history}
+
+    info = {
+        "backbone": backbone.name,
+        "classes": classes,
+        "image_size": image_size,
+        "preprocessing": features_info["preprocessing"],
+        "weights": features_info["weights"],
+        "weights_sha256": features_info.get("weights_sha256"),
+        "fine_tuned": fine is not None,
+        "fine_tuned_layers": fine["unfrozen_layers"] if fine else [],
+        "epochs_run": result["epochs_run"],
+        "best_epoch": result["best_epoch"],
+        "train_seconds": round(result["seconds"] + (fine["seconds"] if fine else 0), 2),
+        "head_params": count_params(head),
+        "model_params": count_params(full),
+        "train_params": tp,
+    }
+    with atomic_path(args.model_dir) as tmp:
+        tmp.mkdir(parents=True)
+        head.save(tmp / "head.keras")
+        full.save(tmp / "model.keras")
+        write_json(tmp / "info.json", info)
+    history_plot(history, args.plot, title=backbone.name, best_epoch=result["best_epoch"])
+    log.info(
+        "train@%s: %d epochs (best %d), val accuracy %.4f, %.1f s",
+        backbone.name,
+        result["epochs_run"],
+        result["best_epoch"],
+        result["history"]["val_accuracy"][result["best_epoch"] - 1],
+        info["train_seconds"],
+    )
+
+
+if __name__ == "__main__":
+    main()

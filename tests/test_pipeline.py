@@ -1,0 +1,112 @@
+"""End to end: `dvc repro` of the whole pipeline on tiny data (random weights, few epochs), then what a
+reviewer and a user do with it: read the metrics, change a param, classify new images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import E2E_BACKBONES as BACKBONES
+from helpers import dvc, run, update_params
+from sklearn.metrics import f1_score
+
+pytestmark = pytest.mark.slow
+
+
+def read(project: Path, path: str):
+    return json.loads((project / path).read_text())
+
+
+def test_repro_trains_and_records_every_backbone(trained: Path) -> None:
+    for bb in BACKBONES:
+        features = read(trained, f"data/features/{bb}/info.json")
+        assert features["weights"] == "none" and features["feature_shape"][:2] == [2, 2]
+        info = read(trained, f"models/{bb}/info.json")
+        assert info["classes"] == ["hbar", "ring", "vbar"] and not info["fine_tuned"]
+        assert (trained / f"models/{bb}/model.keras").is_file() and (trained / f"models/{bb}/head.keras").is_file()
+        curve = pd.read_csv(trained / f"dvclive/train/{bb}/plots/metrics/val_accuracy.tsv", sep="\t")
+        assert len(curve) == info["epochs_run"] and 1 <= info["best_epoch"] <= info["epochs_run"]
+        for png in ("history.png", "confusion.png", "attention.png"):
+            assert (trained / f"plots/backbones/{bb}/{png}").stat().st_size > 1000
+    assert "Data and pipelines are up to date" in dvc(trained, "status").stdout
+
+
+def test_vgg16_learns_on_random_weights(trained: Path) -> None:
+    """Random-init VGG16 features separate simple shapes well; a head that cannot learn them is broken."""
+    assert read(trained, "metrics/backbones/vgg16.json")["accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize("name", [*BACKBONES, "ensemble"])
+def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
+    folder = "plots/ensemble" if name == "ensemble" else f"plots/backbones/{name}"
+    metrics = read(trained, "metrics/ensemble.json" if name == "ensemble" else f"metrics/backbones/{name}.json")
+    predictions = pd.read_csv(trained / folder / "predictions.csv")
+    test = pd.read_csv(trained / "data/split/test.csv")
+    assert list(predictions.path) == list(test.path) and list(predictions.actual) == list(test.label)
+    probs = predictions[[c for c in predictions.columns if c.startswith("p_")]].to_numpy()
+    classes = [c[2:] for c in predictions.columns if c.startswith("p_")]
+    assert list(np.asarray(classes)[probs.argmax(axis=1)]) == list(predictions.predicted)
+    assert metrics["test_images"] == len(predictions)
+    assert metrics["accuracy"] == pytest.approx((predictions.actual == predictions.predicted).mean(), abs=1e-6)
+    macro = f1_score(predictions.actual, predictions.predicted, average="macro", zero_division=0)
+    assert metrics["macro"]["f1"] == pytest.approx(macro, abs=1e-6)
+    supports = {c: m["support"] for c, m in metrics["per_class"].items()}
+    assert supports == predictions.actual.value_counts().to_dict()  # confusion rows add up to the test size
+    assert sum(supports.values()) == len(test)
+    for key, point in (("accuracy", metrics["accuracy"]), ("macro_f1", metrics["macro"]["f1"])):
+        low, high = metrics["ci"][key]
+        assert low <= point <= high
+    assert 0 <= metrics["roc_auc_ovr_macro"] <= 1
+
+
+def test_summary_has_every_backbone_and_the_ensemble(trained: Path) -> None:
+    summary = read(trained, "metrics/summary.json")
+    assert set(summary["models"]) == {*BACKBONES, "ensemble"}
+    table = (trained / "plots/compare/summary.md").read_text()
+    for name in (*BACKBONES, "ensemble"):
+        assert f"| {name} |" in table
+
+
+def test_predict_reproduces_evaluate(trained: Path) -> None:
+    test = pd.read_csv(trained / "data/split/test.csv")
+    inputs = [str(Path("images") / p) for p in test.path]
+    for bb in BACKBONES:
+        out = run([sys.executable, "-m", "imgclf", "predict", "--backbone", bb, "--out", "pred.csv", *inputs], trained)
+        assert f"{len(test)} of {len(test)} images classified" in out.stderr
+        predicted = pd.read_csv(trained / "pred.csv")
+        evaluated = pd.read_csv(trained / f"plots/backbones/{bb}/predictions.csv")
+        assert list(predicted.predicted) == list(evaluated.predicted)
+        columns = [c for c in evaluated.columns if c.startswith("p_")]
+        np.testing.assert_allclose(predicted[columns].to_numpy(), evaluated[columns].to_numpy(), atol=2e-6)
+
+
+def test_head_param_change_retrains_without_recomputing_features(copy_of: Path) -> None:
+    update_params(copy_of, {"train.dropout": 0.1})
+    status = dvc(copy_of, "status").stdout
+    assert "train@vgg16" in status and "features@vgg16" not in status
+    out = dvc(copy_of, "repro").stdout
+    for bb in BACKBONES:
+        assert f"Stage 'features@{bb}' didn't change, skipping" in out
+        assert f"Running stage 'train@{bb}'" in out and f"Running stage 'evaluate@{bb}'" in out
+
+
+def test_exp_run_then_metrics_diff_lists_every_backbone(copy_of: Path) -> None:
+    dvc(copy_of, "exp", "run", "-S", "train.lr=0.003")
+    diff = dvc(copy_of, "metrics", "diff", "--all", "--md").stdout
+    for name in BACKBONES:
+        assert f"metrics/backbones/{name}.json" in diff
+    assert "metrics/ensemble.json" in diff and "metrics/summary.json" in diff
+    assert "train.lr" in dvc(copy_of, "exp", "show", "--md").stdout
+
+
+def test_fine_tuning_runs_end_to_end_and_evaluates_the_tuned_model(copy_of: Path) -> None:
+    update_params(copy_of, {"backbones": ["vgg16"], "fine_tune.layers": 2, "fine_tune.epochs": 1})
+    out = dvc(copy_of, "repro", "evaluate@vgg16").stdout
+    assert "Stage 'features@vgg16' didn't change, skipping" in out
+    info = read(copy_of, "models/vgg16/info.json")
+    assert info["fine_tuned"] and info["fine_tuned_layers"] == ["block5_conv3"]  # block5_pool has no weights
+    assert read(copy_of, "metrics/backbones/vgg16.json")["test_images"] > 0

@@ -1,0 +1,79 @@
+"""`python -m imgclf predict`: labels new images with the trained models, survives bad files, fails clearly."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import E2E_BACKBONES, env
+
+pytestmark = pytest.mark.slow
+
+
+def predict(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "imgclf", "predict", *args], cwd=cwd, env=env(cwd), capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def folder_with_a_corrupt_file(trained: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "new images"
+    folder.mkdir()
+    for src in sorted((trained / "images").rglob("*.png"))[:6]:
+        shutil.copy(src, folder / f"{src.parent.name}_{src.name}")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    return folder
+
+
+def test_folder_with_a_corrupt_file_is_classified_and_the_failure_reported(trained, folder_with_a_corrupt_file):
+    result = predict(trained, "--backbone", "vgg16", str(folder_with_a_corrupt_file))
+    assert result.returncode == 3, result.stderr
+    table = pd.read_csv(io.StringIO(result.stdout), keep_default_na=False)
+    assert len(table) == 7
+    bad = table[table.path.str.endswith("corrupt.png")].iloc[0]
+    assert bad.predicted == "" and "not a decodable image" in bad.error
+    good = table[table.error == ""]
+    assert len(good) == 6 and set(good.predicted) <= {"hbar", "ring", "vbar"}
+    probs = good[["p_hbar", "p_ring", "p_vbar"]].astype(float).to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert "6 of 7 images classified" in result.stderr and "1 could not be read" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ensemble_averages_the_backbones_and_works_from_outside_the_repo(trained, tmp_path, folder_with_a_corrupt_file):
+    images = [str(p) for p in sorted(folder_with_a_corrupt_file.glob("*.png")) if p.name != "corrupt.png"]
+    models = str(trained / "models")
+    outputs = {}
+    for name in [*E2E_BACKBONES, "ensemble"]:
+        out = tmp_path / f"{name}.csv"
+        result = predict(tmp_path, "--backbone", name, "--models-dir", models, "--out", str(out), *images)
+        assert result.returncode == 0, result.stderr
+        outputs[name] = pd.read_csv(out)[["p_hbar", "p_ring", "p_vbar"]].to_numpy()
+    mean = np.mean([outputs[b] for b in E2E_BACKBONES], axis=0)
+    np.testing.assert_allclose(outputs["ensemble"], mean, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backbone", "resnet50", "images"], "unknown backbone 'resnet50'; choose one of vgg16, vgg19"),
+        (["--backbone", "vgg19", "images"], "no trained model in models/vgg19"),
+        (["--backbone", "vgg16", "--models-dir", "nowhere", "images"], "no trained model in nowhere/vgg16"),
+        (["--backbone", "vgg16", "no_such_folder"], "input 'no_such_folder' does not exist"),
+        (["--backbone", "vgg16", "empty"], "no images found in empty"),
+    ],
+    ids=["unknown backbone", "untrained backbone", "missing models dir", "missing input", "empty folder"],
+)
+def test_usage_errors_give_one_line_and_exit_2(trained, args, message):
+    (trained / "empty").mkdir(exist_ok=True)
+    result = predict(trained, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
