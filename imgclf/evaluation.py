@@ -81,7 +81,11 @@ def compute_metrics(
     present = np.unique(y_true)
     if len(present) == len(classes):
         normalised = probs / probs.sum(axis=1, keepdims=True)
-        metrics["roc_auc_ovr_macro"] = _r(roc_auc_score(y_true, normalised, multi_class="ovr", labels=k))
+        if len(classes) == 2:  # binary: scikit-learn wants the positive class's score (one-vs-rest is the same)
+            auc = roc_auc_score(y_true, normalised[:, 1])
+        else:
+            auc = roc_auc_score(y_true, normalised, multi_class="ovr", labels=k)
+        metrics["roc_auc_ovr_macro"] = _r(auc)
     else:  # AUC is undefined for a class absent from the test split
         metrics["roc_auc_ovr_macro"] = None
     ci = bootstrap_interval(y_true, y_pred, n_bootstrap, confidence, seed)

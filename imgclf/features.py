@@ -2,8 +2,8 @@
 
 With the backbone frozen and no random augmentation before it, every epoch would recompute the same
 numbers; here each unique file (by content hash) goes through the backbone exactly once, even when
-oversampling repeats it. Memory is bounded by one batch: features go straight into a memory-mapped
-.npy file, and the next batch is decoded in a background thread while the backbone runs.
+oversampling repeats it. Memory is bounded by one batch: features are appended to a .npy file as
+they come, and the next batch is decoded in a background thread while the backbone runs.
 """
 
 from __future__ import annotations
@@ -51,22 +51,20 @@ def batches(
             yield batch
 
 
-def extract_to_array(
+def iter_features(
     extractor: Any,
     paths: list[Path],
     image_size: int,
     batch_size: int,
-    out: np.ndarray,
     background: tuple[int, int, int] = (255, 255, 255),
     desc: str = "features",
-) -> None:
-    """Fill `out` (N, h, w, C), e.g. a memmap, with the extractor's outputs for `paths`, in batches."""
-    row = 0
+) -> Iterator[np.ndarray]:
+    """The extractor's outputs (B, h, w, C) float32 for `paths`, batch by batch, with a progress bar."""
     with tqdm(total=len(paths), desc=desc, unit="img", mininterval=2, disable=None) as bar:
         for batch in batches(paths, image_size, batch_size, background):
-            out[row : row + len(batch)] = extractor.predict_on_batch(batch)
-            row += len(batch)
+            features = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
             bar.update(len(batch))
+            yield features
 
 
 def compute_features(
@@ -90,10 +88,15 @@ def compute_features(
     start = time.perf_counter()
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        array = np.lib.format.open_memmap(tmp / FEATURES_FILE, mode="w+", dtype=np.float32, shape=(len(paths), *shape))
-        extract_to_array(extractor, paths, image_size, batch_size, array, background, desc=info.get("backbone", ""))
-        array.flush()
-        del array
+        # A plain .npy written batch by batch: resident memory stays one batch, whatever the dataset size
+        # (a writable memmap would keep every written page in the process's resident set).
+        with open(tmp / FEATURES_FILE, "wb") as f:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (len(paths), *shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for features in iter_features(
+                extractor, paths, image_size, batch_size, background, info.get("backbone", "")
+            ):
+                f.write(np.ascontiguousarray(features, dtype="<f4").tobytes())
         seconds = time.perf_counter() - start
         write_csv(images.assign(row=np.arange(len(images))), tmp / INDEX_FILE)
         info = {

@@ -7,6 +7,7 @@ no file that looks complete, and DVC reruns it.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -23,9 +24,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces `path` (file or directory)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a run that was killed part-way (DVC runs one stage per target at a time).
+    for stale in target.parent.glob(f".tmp-*-{glob.escape(target.name)}"):
+        _remove(stale)
     # Keep the real suffix last: some writers (Keras, matplotlib) choose the format from it.
     tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
-    _remove(tmp)
     try:
         yield tmp
         if target.is_dir() and not target.is_symlink():

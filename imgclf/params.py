@@ -171,16 +171,23 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
                     near = difflib.get_close_matches(str(key), list(TRAIN_KEYS), n=1)
                     hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(TRAIN_KEYS)}"
                     raise UserError(f"unknown key {name}.{bb}.{key!r}; {hint}")
-            out[bb] = {
-                k: (
-                    _check_section(v, TRAIN_KEYS[k], f"{name}.{bb}.{k}.")
-                    if isinstance(TRAIN_KEYS[k], dict)
-                    else _check_value(f"{name}.{bb}.{k}", v, TRAIN_KEYS[k])
-                )
-                for k, v in section.items()
-            }
+            out[bb] = {k: _check_partial(f"{name}.{bb}.{k}", v, TRAIN_KEYS[k]) for k, v in section.items()}
         return out
     raise AssertionError(f"unhandled rule {rule!r}")
+
+
+def _check_partial(name: str, value: Any, rule: Any) -> Any:
+    """An override: like the full schema, but a section may give only some of its keys."""
+    if not isinstance(rule, dict):
+        return _check_value(name, value, rule)
+    if not isinstance(value, dict):
+        raise UserError(f"{name} must be a section of keys ({', '.join(rule)}); got {value!r}")
+    for key in value:
+        if key not in rule:
+            near = difflib.get_close_matches(str(key), list(rule), n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(rule)}"
+            raise UserError(f"unknown key {name}.{key!r}; {hint}")
+    return {k: _check_partial(f"{name}.{k}", v, rule[k]) for k, v in value.items()}
 
 
 def _check_cross(params: dict[str, Any]) -> None:

@@ -54,12 +54,9 @@ class Classifier:
 
     def features(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """Feature maps (N, h, w, C) of readable images, computed as features@<bb> computes them."""
-        from imgclf.features import extract_to_array
+        from imgclf.features import iter_features
 
-        shape = tuple(int(d) for d in self.extractor.output.shape[1:])
-        out = np.empty((len(paths), *shape), dtype=np.float32)
-        extract_to_array(self.extractor, paths, self.image_size, batch_size, out, desc=self.name)
-        return out
+        return np.concatenate(list(iter_features(self.extractor, paths, self.image_size, batch_size, desc=self.name)))
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         return self.head.predict(features, batch_size=256, verbose=0)  # (N, K)

@@ -2,86 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_dataset
-from PIL import Image
+from helpers import HOSTILE, make_dataset
 
 from imgclf.data import ScanOptions, check_classes, resolve_conflicts, scan_folder, summary_line
 from imgclf.errors import UserError
 from imgclf.images import load_image
 
-RGB = np.array([[[200, 30, 60]] * 24] * 24, dtype=np.uint8)  # (24, 24, 3)
-
-
-def png_bytes(im: Image.Image, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", **kwargs)
-    return buf.getvalue()
-
-
-def jpeg_bytes(im: Image.Image, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=95, **kwargs)
-    return buf.getvalue()
-
-
-def exif_rotated() -> bytes:
-    im = Image.fromarray(np.zeros((20, 40, 3), dtype=np.uint8))  # 40 wide, 20 high
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
-    return jpeg_bytes(im, exif=exif.tobytes())
-
-
-def palette_with_transparency() -> bytes:
-    im = Image.fromarray(RGB).convert("P")
-    return png_bytes(im, transparency=0)
-
-
-def gray16() -> bytes:
-    data = np.full((24, 24), 32768, dtype=np.uint16)
-    data[0, 0] = 65535
-    return png_bytes(Image.fromarray(data))
-
-
-def rgba_transparent() -> bytes:
-    data = np.zeros((24, 24, 4), dtype=np.uint8)  # fully transparent black
-    return png_bytes(Image.fromarray(data, mode="RGBA"))
-
-
-def truncated() -> bytes:
-    return png_bytes(Image.fromarray(RGB))[:-40]
-
-
-# name (relative to root) -> (bytes factory, expected status, expected reason fragment)
-HOSTILE: dict[str, tuple[Callable[[], bytes], str, str]] = {
-    "cat/plain rgb.png": (lambda: png_bytes(Image.fromarray(RGB)), "ok", ""),
-    "cat/grayscale.png": (lambda: png_bytes(Image.fromarray(RGB[..., 0])), "ok", ""),
-    "cat/cmyk.jpg": (lambda: jpeg_bytes(Image.fromarray(RGB).convert("CMYK")), "ok", ""),
-    "cat/rgba.png": (rgba_transparent, "ok", ""),
-    "cat/palette.png": (palette_with_transparency, "ok", ""),
-    "cat/gray16.png": (gray16, "ok", ""),
-    "cat/rotated.jpg": (exif_rotated, "ok", ""),
-    "cat/ñandú été 猫.png": (lambda: png_bytes(Image.fromarray(RGB[:, :, ::-1])), "ok", ""),
-    "cat/truncated.png": (truncated, "skipped", "truncated or corrupt"),
-    "cat/garbage.jpg": (lambda: b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "skipped", "not a decodable image"),
-    "cat/truncated.jpg": (lambda: jpeg_bytes(Image.fromarray(RGB))[:300], "skipped", "truncated or corrupt"),
-    "cat/empty.png": (lambda: b"", "skipped", "empty file"),
-    "cat/text.png": (lambda: b"this is not an image\n" * 10, "skipped", "not a decodable image"),
-    "cat/bomb.png": (lambda: png_bytes(Image.new("L", (200, 200))), "skipped", "decompression bomb"),
-    "cat/tiny.png": (lambda: png_bytes(Image.new("RGB", (8, 8))), "skipped", "too small"),
-    "cat/.DS_Store": (lambda: b"\x00\x00\x00\x01Bud1", "skipped", "hidden or system file"),
-    "cat/Thumbs.db": (lambda: b"\xd0\xcf\x11\xe0", "skipped", "hidden or system file"),
-    "cat/._plain.png": (lambda: b"\x00\x05\x16\x07", "skipped", "hidden or system file"),
-    "cat/notes.txt": (lambda: b"acquired 2024", "skipped", "not an image extension"),
-    "stray.png": (lambda: png_bytes(Image.fromarray(RGB)), "skipped", "not in a class folder"),
-    "dog/dog.png": (lambda: png_bytes(Image.fromarray(RGB[::-1])), "ok", ""),
-}
 OPTIONS = ScanOptions(min_side=16, max_pixels=10_000)  # 200x200 = 40,000 pixels > 2x the limit: a "bomb"
 
 
