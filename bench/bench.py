@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 MODES = {
     "quick": {"size": 64, "images": 128, "repeats": 3, "epochs": 10, "batch": 32, "rss_images": [500, 2000]},
+    "medium": {"size": 224, "images": 512, "repeats": 1, "epochs": 10, "batch": 32, "rss_images": [500, 2000]},
     "full": {"size": 224, "images": 512, "repeats": 5, "epochs": 10, "batch": 32, "rss_images": [500, 2000]},
 }
 
@@ -44,6 +44,13 @@ def sample_paths(n: int) -> list[Path]:
     """n image paths from the bundled sample, cycled when n exceeds it (extraction does not deduplicate)."""
     paths = sorted((ROOT / "data/sample").rglob("*.png"))
     return [paths[i % len(paths)] for i in range(n)]
+
+
+def size_for(backbone: str, cfg: dict) -> int:
+    """The mode's image size, raised to the backbone's minimum (Xception: 71) where needed."""
+    from imgclf.backbones import get_backbone
+
+    return max(cfg["size"], get_backbone(backbone).min_size)
 
 
 def build(backbone: str, size: int):
@@ -60,7 +67,7 @@ def head_for(shape, classes: int, features=None):
     stats = {}
     if features is not None:
         stats = {"feature_mean": features.mean(axis=(0, 1, 2)), "feature_variance": features.var(axis=(0, 1, 2))}
-    return build_attention_head(tuple(shape), classes, heads=4, key_dim=32, dense_units=128, **stats)
+    return build_attention_head(tuple(shape), classes, token_dim=256, heads=4, key_dim=32, dense_units=128, **stats)
 
 
 def fit(model, x, y, epochs: int, batch: int) -> None:
@@ -72,6 +79,7 @@ def fit(model, x, y, epochs: int, batch: int) -> None:
 
 def training_time(backbone: str, cfg: dict) -> dict:
     """Seconds for the pipeline (features once + head) and the baseline (backbone inside fit), per repeat."""
+    cfg = {**cfg, "size": size_for(backbone, cfg)}
     import numpy as np
 
     from imgclf.features import iter_features
@@ -107,6 +115,7 @@ def training_time(backbone: str, cfg: dict) -> dict:
 
 def input_pipeline(backbone: str, cfg: dict) -> dict:
     """images/s of extraction from files (decode + resize + forward) vs the forward pass on in-memory tensors."""
+    cfg = {**cfg, "size": size_for(backbone, cfg)}
     import numpy as np
 
     from imgclf.features import iter_features
@@ -144,16 +153,20 @@ def rss_child(backbone: str, n: int, size: int, batch: int) -> None:
     frame = pd.DataFrame({"sha256": [f"{i:064x}" for i in range(n)], "path": [str(p) for p in paths]})
     with tempfile.TemporaryDirectory() as tmp:
         compute_features(build(backbone, size), frame, "/", Path(tmp) / "f", size, batch, {"backbone": backbone})
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, the peak RSS of this process image. Not getrusage's ru_maxrss: Linux carries that over
+    # fork and exec, so a child would report its parent's peak.
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": peak_kb / 1024}))
 
 
 def memory(backbone: str, cfg: dict) -> dict:
     out = {}
     for n in cfg["rss_images"]:
-        cmd = [sys.executable, __file__, "_rss", backbone, str(n), str(cfg["size"]), str(cfg["batch"])]
+        cmd = [sys.executable, __file__, "_rss", backbone, str(n), str(size_for(backbone, cfg)), str(cfg["batch"])]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[n] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-    small, large = (out[n] for n in cfg["rss_images"])
+        out[str(n)] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    small, large = (out[str(n)] for n in cfg["rss_images"])
     return {"rss_mb": out, "growth": large / small - 1}
 
 
@@ -175,7 +188,7 @@ def rerun_cost() -> dict:
         noop, out = timed("repro")
         if "Data and pipelines are up to date" not in out:
             return {"skipped": "the checkout's pipeline is not up to date; run `dvc repro` first"}
-        text = (project / "params.yaml").read_text().replace("  dropout: 0.3 ", "  dropout: 0.25")
+        text = (project / "params.yaml").read_text().replace("  dropout: 0.3\n", "  dropout: 0.25\n")
         (project / "params.yaml").write_text(text)
         head, out = timed("repro")
         reran = sorted({line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")})
@@ -204,41 +217,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="the default")
+    group.add_argument("--medium", action="store_true", help="224 px, 512 images, one repeat")
     group.add_argument("--full", action="store_true")
     parser.add_argument("--backbones", nargs="+", default=["vgg16", "vgg19", "mobilenet", "xception"])
+    parser.add_argument("--resume", action="store_true", help="keep what the results file already holds")
+    parser.add_argument(
+        "--parts", nargs="+", default=["training", "input_pipeline", "memory", "rerun"], help="what to (re)measure"
+    )
     args = parser.parse_args()
-    mode = "full" if args.full else "quick"
+    mode = "full" if args.full else "medium" if args.medium else "quick"
     cfg = MODES[mode]
-    results: dict = {"mode": mode, "config": cfg, "machine": machine(), "backbones": {}}
-    started = time.perf_counter()
-    for backbone in args.backbones:
-        print(f"[{time.perf_counter() - started:6.0f} s] {backbone}", file=sys.stderr, flush=True)
-        results["backbones"][backbone] = {
-            "training": training_time(backbone, cfg),
-            "input_pipeline": input_pipeline(backbone, cfg),
-            "memory": memory(backbone, cfg),
-        }
-    results["rerun"] = rerun_cost()
-    results["total_s"] = time.perf_counter() - started
-    (ROOT / f"bench/results-{mode}.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = ROOT / f"bench/results-{mode}.json"
+    results: dict = {"mode": mode, "config": cfg, "machine": machine(), "backbones": {}, "seconds": {}}
+    if args.resume and out.is_file():
+        results = {**json.loads(out.read_text()), "machine": machine()}
+    measures = {"training": training_time, "input_pipeline": input_pipeline, "memory": memory}
+    for backbone in args.backbones if any(part in measures for part in args.parts) else []:
+        entry = results["backbones"].setdefault(backbone, {"size": size_for(backbone, cfg)})
+        for part in args.parts:
+            if part in measures:
+                started = time.perf_counter()
+                print(f"{backbone}: {part}...", file=sys.stderr, flush=True)
+                entry[part] = measures[part](backbone, cfg)
+                results["seconds"][f"{backbone} {part}"] = round(time.perf_counter() - started, 1)
+                out.write_text(json.dumps(results, indent=2) + "\n")  # a crash later keeps what was measured
+    if "rerun" in args.parts:
+        started = time.perf_counter()
+        results["rerun"] = rerun_cost()
+        results["seconds"]["rerun"] = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
 
 
 def table(results: dict) -> str:
     n_small, n_large = results["config"]["rss_images"]
     lines = [
-        f"| backbone | cached s | (head s) | baseline s | speedup (≥5×) | files img/s | tensors img/s "
+        f"| backbone | px | cached s | (head s) | baseline s | speedup (≥5×) | files img/s | tensors img/s "
         f"| ratio (≥0.85) | RSS {n_small} MB | RSS {n_large} MB | growth (≤10%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["backbones"].items():
-        t, p, m = r["training"], r["input_pipeline"], r["memory"]
-        lines.append(
-            f"| {name} | {t['cached_s']:.1f} | {t['head_s']:.1f} | {t['baseline_s']:.1f} | {t['speedup']:.1f}× "
-            f"| {p['files_ips']:.0f} | {p['tensor_ips']:.0f} | {p['ratio']:.2f} "
-            f"| {m['rss_mb'][n_small]:.0f} | {m['rss_mb'][n_large]:.0f} | {m['growth']:+.1%} |"
+        cells = [name, str(r["size"])]
+        t, p, m = r.get("training"), r.get("input_pipeline"), r.get("memory")
+        cells += (
+            [f"{t['cached_s']:.1f}", f"{t['head_s']:.1f}", f"{t['baseline_s']:.1f}", f"{t['speedup']:.1f}×"]
+            if t
+            else ["–"] * 4
         )
-    rerun = results["rerun"]
+        cells += [f"{p['files_ips']:.0f}", f"{p['tensor_ips']:.0f}", f"{p['ratio']:.2f}"] if p else ["–"] * 3
+        if m:
+            cells += [f"{m['rss_mb'][str(n)]:.0f}" for n in (n_small, n_large)] + [f"{m['growth']:+.1%}"]
+        else:
+            cells += ["–"] * 3
+        lines.append("| " + " | ".join(cells) + " |")
+    rerun = results.get("rerun", {"skipped": "not measured in this run"})
     if "skipped" in rerun:
         lines.append(f"\nre-run cost: skipped ({rerun['skipped']})")
     else:

@@ -80,6 +80,7 @@ def build_attention_head(
     feature_shape: tuple[int, int, int],
     n_classes: int,
     *,
+    token_dim: int = 256,
     heads: int = 4,
     key_dim: int = 32,
     dense_units: int = 128,
@@ -91,7 +92,9 @@ def build_attention_head(
     """Feature map -> tokens -> self-attention (residual + norm) -> pool -> noise -> dense -> BN -> dropout -> softmax.
 
     `feature_mean`/`feature_variance` (per channel, from the training features) standardise the inputs
-    (see `Standardize`: frozen-backbone activations can be tiny). Works for any feature-map size (h, w).
+    (see `Standardize`: frozen-backbone activations can be tiny). `token_dim` > 0 projects each token from
+    C channels (512-2048) to that width first: attention on 2048-wide Xception tokens made the head cost
+    as much per epoch as the backbone pass on small images; 0 keeps C. Works for any feature-map size (h, w).
     """
     h, w, c = feature_shape
     inputs = keras.Input(feature_shape, name="features")  # (B, h, w, C)
@@ -100,12 +103,14 @@ def build_attention_head(
         standardize.set_statistics(feature_mean, feature_variance)
     x = standardize(inputs)
     tokens = layers.Reshape((h * w, c), name="tokens")(x)  # (B, T, C), T = h*w spatial positions
+    if token_dim:
+        tokens = layers.Dense(token_dim, name="token_projection")(tokens)  # (B, T, D)
     attended, _scores = layers.MultiHeadAttention(heads, key_dim, name="attention")(
         tokens, tokens, return_attention_scores=True
-    )  # (B, T, C), (B, heads, T, T)
+    )  # (B, T, D), (B, heads, T, T)
     x = layers.Add(name="residual")([tokens, attended])
     x = layers.LayerNormalization(name="attention_norm")(x)
-    x = layers.GlobalAveragePooling1D(name="pool")(x)  # (B, C)
+    x = layers.GlobalAveragePooling1D(name="pool")(x)  # (B, D)
     x = layers.GaussianNoise(noise_stddev, name="noise")(x)
     x = layers.Dense(dense_units, activation="relu", name="dense")(x)
     x = layers.BatchNormalization(name="dense_bn")(x)

@@ -21,6 +21,7 @@ TRAIN_KEYS: dict[str, Any] = {
     "epochs": "posint",
     "batch_size": "posint",
     "lr": "posfloat",
+    "token_dim": "nonnegint",
     "heads": "posint",
     "key_dim": "posint",
     "dense_units": "posint",

@@ -51,6 +51,7 @@ def main() -> None:
     head = build_attention_head(
         store.feature_shape,
         len(classes),
+        token_dim=tp["token_dim"],
         heads=tp["heads"],
         key_dim=tp["key_dim"],
         dense_units=tp["dense_units"],

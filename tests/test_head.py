@@ -15,9 +15,8 @@ def test_head_outputs_probabilities_and_every_weight_gets_a_gradient(shape, scal
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(16, *shape)) * scale).astype("float32")
     y = rng.integers(0, 3, 16)
-    head = build_attention_head(
-        shape, 3, heads=2, key_dim=4, dense_units=8, feature_mean=x.mean((0, 1, 2)), feature_variance=x.var((0, 1, 2))
-    )
+    stats = {"feature_mean": x.mean((0, 1, 2)), "feature_variance": x.var((0, 1, 2))}
+    head = build_attention_head(shape, 3, token_dim=6, heads=2, key_dim=4, dense_units=8, **stats)
     probs = head.predict(x, verbose=0)
     assert probs.shape == (16, 3)
     assert np.isfinite(probs).all()
@@ -26,7 +25,7 @@ def test_head_outputs_probabilities_and_every_weight_gets_a_gradient(shape, scal
         loss = tf.keras.losses.sparse_categorical_crossentropy(y, head(x, training=True))
     grads = tape.gradient(loss, head.trainable_weights)
     names = [w.path for w in head.trainable_weights]
-    assert {n.split("/")[0] for n in names} >= {"attention", "dense", "dense_bn", "probabilities"}
+    assert {n.split("/")[0] for n in names} >= {"token_projection", "attention", "dense", "dense_bn", "probabilities"}
     for name, grad in zip(names, grads, strict=True):
         assert grad is not None, f"no gradient reaches {name}"
         assert np.isfinite(grad).all() and np.abs(grad).sum() > 0, f"zero or NaN gradient at {name}"
