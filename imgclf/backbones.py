@@ -7,7 +7,6 @@ Keras is imported lazily, so validating params does not pay TensorFlow's start-u
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import UserError, log
+from imgclf.io import sha256_file
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,6 @@ def keras_cache_dir() -> Path:
     except (ImportError, AttributeError):
         home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
     return Path(home) / "models"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def offline_help(backbone: Backbone) -> str:

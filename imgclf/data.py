@@ -8,7 +8,6 @@ Folder layouts understood (labels are always class-folder names):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import Counter
@@ -21,6 +20,7 @@ import pandas as pd
 
 from imgclf.errors import UserError
 from imgclf.images import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSkip, decode_image
+from imgclf.io import sha256_file
 
 # Folder names (lower-case) that mean "a provided split", and the split they stand for.
 SPLIT_FOLDERS = {
@@ -71,14 +71,6 @@ def _walk_files(root: Path) -> list[Path]:
         dirnames.sort()
         found.extend(Path(dirpath) / name for name in filenames)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def detect_layout(root: Path) -> bool:
@@ -135,7 +127,7 @@ def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.Da
         if row["bytes"] == 0:
             row["reason"] = "empty file (0 bytes)"
             continue
-        row["sha256"] = _sha256(path)
+        row["sha256"] = sha256_file(path)
         try:
             im, mode, fmt = decode_image(path, options.background, options.max_pixels)
         except ImageSkip as exc:

@@ -55,6 +55,13 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+def _unknown_key(prefix: str, key: Any, valid: list[str]) -> UserError:
+    """`unknown key 'train.patiance' in params.yaml; did you mean 'train.patience'?`"""
+    near = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"did you mean {prefix + near[0]!r}?" if near else f"valid keys there: {', '.join(valid)}"
+    return UserError(f"unknown key {prefix + str(key)!r} in params.yaml; {hint}")
+
+
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read and validate params.yaml; return the params with numbers normalised (1e-3 -> 0.001)."""
     path = Path(path)
@@ -79,9 +86,7 @@ def _check_section(values: dict[str, Any], schema: dict[str, Any], prefix: str) 
     out: dict[str, Any] = {}
     for key in values:
         if key not in schema:
-            near = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f"did you mean {prefix}{near[0]!r}?" if near else f"valid keys: {', '.join(schema)}"
-            raise UserError(f"unknown key {prefix}{key!r} in params.yaml; {hint}")
+            raise _unknown_key(prefix, key, list(schema))
     for key, rule in schema.items():
         name = f"{prefix}{key}"
         if key not in values:
@@ -167,12 +172,7 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
                 raise UserError(f"{name} names unknown backbone {bb!r}; known backbones: {', '.join(BACKBONES)}")
             if not isinstance(section, dict):
                 raise UserError(f"{name}.{bb} must be a section of train keys; got {section!r}")
-            for key in section:
-                if key not in TRAIN_KEYS:
-                    near = difflib.get_close_matches(str(key), list(TRAIN_KEYS), n=1)
-                    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(TRAIN_KEYS)}"
-                    raise UserError(f"unknown key {name}.{bb}.{key!r}; {hint}")
-            out[bb] = {k: _check_partial(f"{name}.{bb}.{k}", v, TRAIN_KEYS[k]) for k, v in section.items()}
+            out[bb] = _check_partial(f"{name}.{bb}", section, TRAIN_KEYS)
         return out
     raise AssertionError(f"unhandled rule {rule!r}")
 
@@ -185,9 +185,7 @@ def _check_partial(name: str, value: Any, rule: Any) -> Any:
         raise UserError(f"{name} must be a section of keys ({', '.join(rule)}); got {value!r}")
     for key in value:
         if key not in rule:
-            near = difflib.get_close_matches(str(key), list(rule), n=1)
-            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(rule)}"
-            raise UserError(f"unknown key {name}.{key!r}; {hint}")
+            raise _unknown_key(f"{name}.", key, list(rule))
     return {k: _check_partial(f"{name}.{k}", v, rule[k]) for k, v in value.items()}
 
 

@@ -52,10 +52,13 @@ CASES = {
     "typo in a section": (renamed("train", "trian"), "unknown key 'trian' in params.yaml; did you mean 'train'?"),
     "typo in a key": (
         changed(train__early_stopping={"monitor": "val_loss", "patience": 3, "patiance": 3}),
-        "unknown key train.early_stopping.'patiance'",
+        "unknown key 'train.early_stopping.patiance' in params.yaml; did you mean 'train.early_stopping.patience'?",
     ),
     "bad choice": (changed(balance__method="smote"), "balance.method='smote' is not one of: none, random_over"),
-    "override of unknown key": (changed(train__overrides={"vgg16": {"lrr": 0.1}}), "did you mean 'lr'?"),
+    "override of unknown key": (
+        changed(train__overrides={"vgg16": {"lrr": 0.1}}),
+        "unknown key 'train.overrides.vgg16.lrr' in params.yaml; did you mean 'train.overrides.vgg16.lr'?",
+    ),
 }
 
 
