@@ -29,7 +29,11 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(
             f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
         )
+    import tensorflow as tf
+
     from imgclf.predict import Classifier, classify, find_images
+
+    tf.get_logger().setLevel("ERROR")  # retracing notices (one predict function per model) are not the user's concern
 
     paths = find_images(args.inputs)
     classifiers = [Classifier.load(models_dir / name) for name in names]
