@@ -34,6 +34,11 @@ def probability_columns(classes: list[str]) -> list[str]:
     return [f"p_{c}" for c in classes]
 
 
+def format_probability(value: float) -> str:
+    """Probabilities in CSV files: fixed 8 decimals, the same in predictions.csv and predict's output."""
+    return f"{value:.8f}"
+
+
 def predictions_frame(paths: list[str], actual: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """path, actual, predicted, and one probability column per class."""
     frame = pd.DataFrame({"path": paths, "actual": actual, "predicted": np.asarray(classes)[probs.argmax(axis=1)]})
@@ -114,7 +119,7 @@ def evaluate_and_write(
     predictions = predictions_frame(paths, actual, probs, classes)
     with_format = predictions.copy()
     for col in probability_columns(classes):
-        with_format[col] = with_format[col].map(lambda v: f"{v:.8f}")
+        with_format[col] = with_format[col].map(format_probability)
     write_csv(with_format, plot_dir / "predictions.csv")
     report = classification_report(actual, predictions.predicted, labels=classes, digits=4, zero_division=0)
     write_text(plot_dir / "classification_report.txt", f"{name} on the test split ({len(actual)} images)\n\n{report}")

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from imgclf.errors import UserError
+from imgclf.evaluation import format_probability, probability_columns
 from imgclf.images import IMAGE_EXTENSIONS, ImageSkip, decode_image, load_image
 from imgclf.io import read_json
 
@@ -104,6 +105,7 @@ def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int =
     for c in classifiers[1:]:
         if c.classes != classes:
             raise UserError(f"models disagree on the classes ({classes} vs {c.classes}); retrain them together")
+    columns = probability_columns(classes)
     rows = []
     with tqdm(total=len(paths), desc="predict", unit="img", disable=None, mininterval=2) as bar:
         for start in range(0, len(paths), chunk):
@@ -119,18 +121,18 @@ def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int =
             for p in part:
                 row: dict[str, Any] = {"path": str(p)}
                 if p in errors:
-                    row.update({"predicted": "", **{f"p_{c}": "" for c in classes}, "error": errors[p]})
+                    row.update({"predicted": "", **dict.fromkeys(columns, ""), "error": errors[p]})
                 else:
                     row.update(
                         {
                             "predicted": classes[int(by_path[p].argmax())],
-                            **{f"p_{c}": f"{v:.8f}" for c, v in zip(classes, by_path[p], strict=True)},
+                            **{c: format_probability(v) for c, v in zip(columns, by_path[p], strict=True)},
                             "error": "",
                         }
                     )
                 rows.append(row)
             bar.update(len(part))
-    return pd.DataFrame(rows, columns=["path", "predicted", *[f"p_{c}" for c in classes], "error"])
+    return pd.DataFrame(rows, columns=["path", "predicted", *columns, "error"])
 
 
 __all__ = ["Classifier", "classify", "find_images", "load_image"]

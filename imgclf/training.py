@@ -30,6 +30,11 @@ class LiveLogger(keras.callbacks.Callback):
         self.live.next_step()
 
 
+def history_lists(history: Any) -> dict[str, list[float]]:
+    """Keras History -> {loss, accuracy, val_loss, val_accuracy: per-epoch floats}."""
+    return {k: [float(v) for v in history.history[k]] for k in HISTORY_KEYS}
+
+
 def open_live(directory: str | Path) -> Any:
     """A dvclive.Live that only logs: it does not touch dvc.yaml (declared by hand) nor save experiments."""
     from scmrepo.exceptions import SCMError
@@ -82,7 +87,7 @@ def fit_head(
         verbose=2,
     )
     return {
-        "history": {k: [float(v) for v in history.history[k]] for k in HISTORY_KEYS},
+        "history": history_lists(history),
         "epochs_run": len(history.history["loss"]),
         "best_epoch": int(stopper.best_epoch) + 1,
         "seconds": round(time.perf_counter() - start, 2),
@@ -159,7 +164,7 @@ def fine_tune(
     )
     backbone.trainable = False
     return {
-        "history": {k: [float(v) for v in history.history[k]] for k in HISTORY_KEYS},
+        "history": history_lists(history),
         "unfrozen_layers": unfrozen,
         "seconds": round(time.perf_counter() - start, 2),
     }

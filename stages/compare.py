@@ -34,7 +34,7 @@ def main() -> None:
     missing = [bb for bb in backbones if not (args.metrics_dir / f"{bb}.json").is_file()]
     if missing:
         raise UserError(f"no evaluation for {', '.join(missing)}; run `dvc repro` (compare needs evaluate@<backbone>)")
-    rows, deterministic = [], {}
+    rows = []
     for bb in backbones:
         metrics = read_json(args.metrics_dir / f"{bb}.json")
         model_info = read_json(args.models_dir / bb / "info.json")
@@ -68,13 +68,10 @@ def main() -> None:
     summary = pd.DataFrame(rows)
 
     # Timings vary run to run: they go in the table, not in the metrics (which must repeat byte for byte).
-    for row in rows:
-        deterministic[row["model"]] = {
-            k: row[k]
-            for k in ("accuracy", "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low", "macro_f1_high",
-                      "roc_auc", "loss", "params_total", "params_trainable")
-            if k in row
-        }  # fmt: skip
+    deterministic = {
+        row["model"]: {k: v for k, v in row.items() if k not in ("model", "features_seconds", "train_seconds")}
+        for row in rows
+    }
     best = summary.sort_values("accuracy", ascending=False, kind="stable").iloc[0]
     write_json(args.summary, {"models": deterministic, "best": best.model, "ci_level": evaluate["confidence"]})
     write_csv(summary, args.out_dir / "summary.csv")
