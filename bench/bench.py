@@ -55,7 +55,7 @@ def size_for(backbone: str, cfg: dict) -> int:
 
 def build(backbone: str, size: int):
     from imgclf.backbones import build_backbone, get_backbone
-    from imgclf.model import build_extractor
+    from imgclf.extractor import build_extractor
 
     model, _ = build_backbone(get_backbone(backbone), size, "none")
     return build_extractor(model, backbone, size, "backbone")

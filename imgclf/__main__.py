@@ -10,19 +10,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from imgclf.errors import USER_ERROR_EXIT, UserError, setup_logging
+from imgclf.errors import USER_ERROR_EXIT, UserError
+from imgclf.logs import quiet_native_stderr, setup_logging
 
 SOME_FAILED_EXIT = 3
 
 
 def predict_command(args: argparse.Namespace) -> int:
     from imgclf.backbones import BACKBONES
+    from imgclf.predict import ensemble_backbones
 
     models_dir = Path(args.models_dir)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
     if args.backbone == "ensemble":
-        names = [name for name in BACKBONES if (models_dir / name / "model.keras").is_file()]
-        if not names:
-            raise UserError(f"no trained models in {models_dir}; run `dvc repro` or pass --models-dir")
+        names = ensemble_backbones(models_dir)
     elif args.backbone in BACKBONES:
         names = [args.backbone]
     else:
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_native_stderr()
     setup_logging()
     args = build_parser().parse_args(argv)
     try:

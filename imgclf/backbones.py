@@ -111,8 +111,8 @@ def build_backbone(backbone: Backbone, image_size: int, weights: str) -> tuple[A
                 raise UserError(offline_help(backbone)) from exc
             raise
         cached = keras_cache_dir() / backbone.notop_file
-        if cached.is_file():
-            record["weights_file"] = str(cached)
+        if cached.is_file():  # the file's name and hash, not its machine-dependent location
+            record["weights_file"] = cached.name
             record["weights_sha256"] = sha256_file(cached)
         return model, record
     path = resolve_weights_path(weights, backbone)
@@ -126,6 +126,6 @@ def build_backbone(backbone: Backbone, image_size: int, weights: str) -> tuple[A
         model = backbone.build(image_size, str(path))
     except ValueError as exc:
         raise UserError(f"features.weights={weights!r} does not fit {backbone.name} without its top: {exc}") from exc
-    record["weights_file"] = str(path)
+    record["weights_file"] = path.name
     record["weights_sha256"] = sha256_file(path)
     return model, record

@@ -8,28 +8,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from imgclf.errors import UserError
 from imgclf.evaluation import read_predictions
 
 
 def ensemble_probabilities(prediction_files: list[Path]) -> tuple[pd.DataFrame, list[str], np.ndarray]:
-    """Average the backbones' class probabilities (soft voting) over the same test images."""
+    """Average the backbones' class probabilities (soft voting) over the same images.
+
+    Each file's probabilities are renormalised to sum to one first: they were written with 8 decimals, so a
+    row can be off by ~1e-8, and the mean of such rows is not a distribution either."""
     frames, classes, probs = [], None, []
     for path in prediction_files:
         frame, file_classes, p = read_predictions(path)
         if classes is not None and file_classes != classes:
-            raise ValueError(f"{path} has classes {file_classes}, expected {classes}")
+            raise UserError(
+                f"{path} has classes {file_classes}, but {prediction_files[0]} has {classes}; "
+                "the backbones were trained on different data: rerun `dvc repro` so that they are trained together"
+            )
         if frames and not frame.path.equals(frames[0].path):
-            raise ValueError(f"{path} lists other test images than {prediction_files[0]}")
+            raise UserError(f"{path} lists other images than {prediction_files[0]}; rerun `dvc repro`")
         classes = file_classes
         frames.append(frame)
-        probs.append(p)
-    return frames[0][["path", "actual"]], classes or [], np.mean(probs, axis=0)
+        probs.append(p / p.sum(axis=1, keepdims=True))
+    mean = np.mean(probs, axis=0)
+    return frames[0][["path", "actual"]], classes or [], mean / mean.sum(axis=1, keepdims=True)
 
 
 def summary_row(name: str, metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     ci = metrics["ci"]
     return {
         "model": name,
+        **extra,
         "accuracy": metrics["accuracy"],
         "accuracy_low": ci["accuracy"][0],
         "accuracy_high": ci["accuracy"][1],
@@ -38,28 +47,30 @@ def summary_row(name: str, metrics: dict[str, Any], extra: dict[str, Any]) -> di
         "macro_f1_high": ci["macro_f1"][1],
         "roc_auc": metrics["roc_auc_ovr_macro"],
         "loss": metrics["loss"],
-        **extra,
     }
 
 
-def _fmt_seconds(value: Any) -> str:
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.1f}"
+def pick_best(summary: pd.DataFrame) -> str:
+    """The model with the highest validation accuracy (then the lowest validation loss): chosen without
+    looking at the test split, whose numbers stay an unbiased estimate for the chosen model."""
+    ranked = summary.sort_values(["val_accuracy", "val_loss", "model"], ascending=[False, True, True], kind="stable")
+    return str(ranked.iloc[0].model)
 
 
 def markdown_table(summary: pd.DataFrame, level: float) -> str:
-    """The comparison as a markdown table, best accuracy first (ensemble included)."""
+    """The comparison as a markdown table, in the order of `summary` (ensemble included)."""
     pct = f"{level:.0%}"
     lines = [
-        f"| model | accuracy [{pct} CI] | macro F1 [{pct} CI] | ROC AUC (OvR macro) | parameters (trainable) "
-        "| features s | training s |",
-        "|---|---|---|---|---|---|---|",
+        f"| model | val accuracy | test accuracy [{pct} CI] | test macro F1 [{pct} CI] | ROC AUC (OvR macro) "
+        "| parameters (trainable) |",
+        "|---|---|---|---|---|---|",
     ]
-    for row in summary.sort_values("accuracy", ascending=False, kind="stable").itertuples():
+    for row in summary.itertuples():
         auc = "n/a" if row.roc_auc is None or pd.isna(row.roc_auc) else f"{row.roc_auc:.4f}"
         params = "" if pd.isna(row.params_total) else f"{int(row.params_total):,} ({int(row.params_trainable):,})"
         lines.append(
-            f"| {row.model} | {row.accuracy:.4f} [{row.accuracy_low:.4f}, {row.accuracy_high:.4f}] "
-            f"| {row.macro_f1:.4f} [{row.macro_f1_low:.4f}, {row.macro_f1_high:.4f}] | {auc} | {params} "
-            f"| {_fmt_seconds(row.features_seconds)} | {_fmt_seconds(row.train_seconds)} |"
+            f"| {row.model} | {row.val_accuracy:.4f} | {row.accuracy:.4f} [{row.accuracy_low:.4f}, "
+            f"{row.accuracy_high:.4f}] | {row.macro_f1:.4f} [{row.macro_f1_low:.4f}, {row.macro_f1_high:.4f}] "
+            f"| {auc} | {params} |"
         )
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
-"""The data half of the pipeline: scan a folder into a manifest, resolve label conflicts,
-split (stratified, identical files kept together) and balance the training split.
+"""The data half of the pipeline: scan a folder into a manifest, resolve label conflicts, find
+near-duplicates, split (stratified; identical files and near-copies kept together) and balance the
+training split.
 
 Folder layouts understood (labels are always class-folder names):
   root/<class>/...                                  plain
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from imgclf.errors import UserError
-from imgclf.images import DEFAULT_BACKGROUND, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageSkip, decode_image
+from imgclf.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, ImageSkip, decode_image
 from imgclf.io import sha256_file
 
 # Folder names (lower-case) that mean "a provided split", and the split they stand for.
@@ -45,24 +46,34 @@ MANIFEST_COLUMNS = [
     "height",
     "mode",
     "format",
+    "phash",
+    "group",
 ]
 SPLITS = ("train", "val", "test")
+
+
+NEAR_DUPLICATE_COLUMNS = ["path_a", "path_b", "label_a", "label_b", "distance", "same_label"]
 
 
 @dataclass(frozen=True)
 class ScanOptions:
     min_side: int = 16
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    background: tuple[int, int, int] = DEFAULT_BACKGROUND
-    use_provided_splits: bool = True
-    label_conflicts: str = "skip"  # skip | majority
+    recipe: ImageRecipe = DEFAULT_RECIPE
+    perceptual_hash: bool = True  # compute each kept image's 64-bit pHash (for near-duplicates)
 
 
 def _walk_files(root: Path) -> list[Path]:
     """Every file below root, symlinks followed but each real folder visited once (no loops), sorted."""
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:
+        raise UserError(
+            f"cannot read the folder {exc.filename} ({exc.strerror}): its files could not be accounted for; "
+            "fix its permissions or move it out of data.root"
+        )
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
@@ -74,9 +85,14 @@ def _walk_files(root: Path) -> list[Path]:
 
 
 def detect_layout(root: Path) -> bool:
-    """True when root holds provided split folders (Training/Testing, train/val/test...)."""
-    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    return bool(subdirs) and any(d.name.lower() in SPLIT_FOLDERS for d in subdirs)
+    """True when root holds provided split folders (Training/Testing, train/val/test...): every sub-folder is
+    one, and a test or validation folder is among them (a class folder named `train` alone is a class)."""
+    subdirs = [d.name.lower() for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return (
+        bool(subdirs)
+        and all(name in SPLIT_FOLDERS for name in subdirs)
+        and any(SPLIT_FOLDERS[name] in ("val", "test") for name in subdirs)
+    )
 
 
 def _label_and_split(rel: Path, split_layout: bool) -> tuple[str | None, str, str | None]:
@@ -127,9 +143,13 @@ def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.Da
         if row["bytes"] == 0:
             row["reason"] = "empty file (0 bytes)"
             continue
-        row["sha256"] = sha256_file(path)
         try:
-            im, mode, fmt = decode_image(path, options.background, options.max_pixels)
+            row["sha256"] = sha256_file(path)
+        except OSError as exc:  # no read permission, or an I/O error
+            row["reason"] = f"unreadable ({exc.strerror or exc})"
+            continue
+        try:
+            im, mode, fmt = decode_image(path, options.recipe)
         except ImageSkip as exc:
             row["reason"] = str(exc)
             continue
@@ -137,7 +157,9 @@ def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.Da
         if min(im.size) < options.min_side:
             row["reason"] = f"too small: {im.width}x{im.height} px, below data.min_side={options.min_side}"
             continue
-        row["status"], row["reason"] = "ok", ""
+        if options.perceptual_hash:
+            row["phash"] = perceptual_hash(im)
+        row["status"], row["reason"], row["group"] = "ok", "", row["sha256"]
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if manifest.empty:
         raise UserError(f"data.root={str(root)!r} holds no files; expected one sub-folder of images per class")
@@ -180,6 +202,64 @@ def resolve_conflicts(manifest: pd.DataFrame, rule: str) -> tuple[pd.DataFrame, 
     return manifest, report
 
 
+def perceptual_hash(im: Any) -> str:
+    """64-bit DCT perceptual hash (imagehash.phash) as 16 hex digits: survives re-encoding and resizing."""
+    import imagehash
+
+    return str(imagehash.phash(im))
+
+
+def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, block_cells: int = 1 << 24) -> pd.DataFrame:
+    """Pairs of kept files with different content whose perceptual hashes differ in at most `max_distance`
+    of 64 bits, one row per pair of distinct contents (first path of each), with the distance."""
+    ok = manifest[(manifest.status == "ok") & (manifest.phash != "")]
+    unique = ok.sort_values("path").drop_duplicates("sha256").reset_index(drop=True)
+    hashes = np.array([int(h, 16) for h in unique.phash], dtype=np.uint64)
+    rows = []
+    chunk = max(1, block_cells // max(len(hashes), 1))  # a block of comparisons stays ~16 M cells (~150 MB)
+    for start in range(0, len(hashes), chunk):
+        block = hashes[start : start + chunk]
+        distance = np.bitwise_count(block[:, None] ^ hashes[None, start:])  # (b, N - start): Hamming distances
+        for i, j in zip(*np.nonzero(distance <= max_distance), strict=True):
+            a, b = start + int(i), start + int(j)
+            if a < b:
+                rows.append((a, b, int(distance[i, j])))
+    pairs = [
+        {
+            "path_a": unique.path[a],
+            "path_b": unique.path[b],
+            "label_a": unique.label[a],
+            "label_b": unique.label[b],
+            "distance": d,
+            "same_label": bool(unique.label[a] == unique.label[b]),
+        }
+        for a, b, d in rows
+    ]
+    return pd.DataFrame(pairs, columns=NEAR_DUPLICATE_COLUMNS).sort_values(["path_a", "path_b"], ignore_index=True)
+
+
+def group_near_duplicates(manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Set `group` so that near-copies (and, through them, their exact copies) share one: the smallest
+    sha256 of each connected set. Split keeps a group in one split, as it does an exact copy."""
+    manifest = manifest.copy()
+    sha_of = dict(zip(manifest.path, manifest.sha256, strict=True))
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            parent[x] = parent.get(parent[x], parent[x])
+            x = parent[x]
+        return x
+
+    for a, b in zip(pairs.path_a, pairs.path_b, strict=True):
+        ra, rb = find(sha_of[a]), find(sha_of[b])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    ok = manifest.status == "ok"
+    manifest.loc[ok, "group"] = [find(h) for h in manifest.sha256[ok]]
+    return manifest
+
+
 def check_classes(manifest: pd.DataFrame) -> list[str]:
     """The class names (sorted); stops when there are fewer than two or a class has no usable image."""
     with_label = manifest[manifest.label != ""]
@@ -209,11 +289,6 @@ def summary_line(manifest: pd.DataFrame) -> str:
     return f"found {found} files: kept {kept}, skipped {len(skipped)} ({detail})"
 
 
-def min_per_class(val: float, test: float) -> int:
-    """Fewest unique images a class needs so that train, val and test each get at least one."""
-    return max(3, math.ceil(0.5 / min(val, test)))
-
-
 def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
     """Whole counts per split for n groups: each split >= 1, val/test rounded, train takes the rest."""
     counts = {name: max(1, round(n * frac)) for name, frac in fractions.items() if name != "train"}
@@ -224,32 +299,36 @@ def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
 def split_manifest(
     manifest: pd.DataFrame, val: float, test: float, seed: int, use_provided_splits: bool = True
 ) -> dict[str, pd.DataFrame]:
-    """Stratified train/val/test split of the kept rows; identical files (same sha256) stay together.
+    """Stratified train/val/test split of the kept rows; each group (identical content, and near-copies
+    when prepare grouped them) lies in exactly one split.
 
     With provided split folders and use_provided_splits, a provided test (val) folder is the test (val)
-    split as is; the files it shares content with are removed from the other splits (leakage).
-    The rest is split per class with the ratios (as fractions of what is being split).
+    split; every copy of its content found elsewhere joins it, with test winning over val and val over
+    train (a file in both Validation/ and Testing/ is kept in test only, so early stopping never sees a
+    test image). The rest is split per class with the ratios (as fractions of what is being split).
     """
     ok = manifest[manifest.status == "ok"].reset_index(drop=True)
+    key = ok.group.where(ok.group != "", ok.sha256) if "group" in ok else ok.sha256
     assigned = pd.Series("", index=ok.index, dtype=object)
     if use_provided_splits:
         for name in ("test", "val"):
-            assigned[(ok.provided_split == name) & (assigned == "")] = name
+            provided = set(key[(ok.provided_split == name) & (assigned == "")])
+            assigned[(assigned == "") & key.isin(provided)] = name
     fixed = set(assigned[assigned != ""])
     fractions = {"train": 1.0}
     if "val" not in fixed:
         fractions["val"] = val
     if "test" not in fixed:
         fractions["test"] = test
-    # Content already in a provided split pulls every copy there.
-    for name in ("test", "val"):
-        hashes = set(ok.sha256[assigned == name])
-        assigned[(assigned == "") & ok.sha256.isin(hashes)] = name
-    pool = ok[assigned == ""]
     rng = np.random.default_rng(seed)
-    needed = min_per_class(fractions.get("val", 0.5), fractions.get("test", 0.5))
-    for label in sorted(set(pool.label)):
-        groups = sorted(set(pool.sha256[pool.label == label]))
+    others = [f for name, f in fractions.items() if name != "train"]
+    needed = max(len(fractions), math.ceil(0.5 / min(others))) if others else 1
+    # Each group belongs to the label of its first row, so a group spanning labels (near-copies filed under
+    # two classes) is counted and placed once, and no class loses a group it was counted with.
+    pool = ok[assigned == ""]
+    owner = pool.groupby(key[assigned == ""], sort=False)["label"].first()
+    for label in sorted(set(owner)):
+        groups = sorted(owner.index[owner == label])
         if len(fractions) > 1 and len(groups) < needed:
             raise UserError(
                 f"class {label!r} has {len(groups)} unique image(s); splitting with split.val={val} and "
@@ -264,7 +343,7 @@ def split_manifest(
                 continue
             chosen = {groups[i] for i in order[start : start + counts[name]]}
             start += counts[name]
-            assigned[(assigned == "") & ok.sha256.isin(chosen) & (ok.label == label)] = name
+            assigned[(assigned == "") & key.isin(chosen)] = name  # a group spanning labels moves whole
     ok = ok.assign(split=assigned)
     out = {}
     for name in SPLITS:
@@ -272,9 +351,13 @@ def split_manifest(
         if part.empty:
             raise UserError(f"the {name} split is empty; add images or change split.val / split.test")
         out[name] = part
-    missing = sorted(set(out["test"].label) - set(out["train"].label))
-    if missing:
-        raise UserError(f"class(es) {', '.join(missing)} appear in test but not in train; add training images")
+    for name in ("val", "test"):
+        missing = sorted(set(out[name].label) - set(out["train"].label))
+        if missing:
+            raise UserError(
+                f"class(es) {', '.join(map(repr, missing))} appear in {name} but not in train; add training images "
+                f"of {'them' if len(missing) > 1 else 'it'}, or remove them from the {name} folder"
+            )
     return out
 
 

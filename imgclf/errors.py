@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-log = logging.getLogger("imgclf")
+from imgclf.logs import RUN_LOG, log, quiet_native_stderr, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -20,26 +21,31 @@ class UserError(Exception):
     """A problem the user can fix (params, data, files). Printed as one line, never as a traceback."""
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log `imgclf` messages to stderr as plain lines, once per process."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
+def stage_name() -> str:
+    """`features@vgg16` for `python -m stages.features vgg16 ...`: the name dvc.yaml gives the stage."""
+    script = Path(sys.argv[0]).stem
+    item = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+    return f"{script}@{item}" if item else script
 
 
 def stage_main(func: F) -> F:
-    """Run a stage's main(): a UserError becomes `error: ...` on stderr and exit code 2."""
+    """Run a stage's main(): quiet stderr, a run log with its duration, and a UserError as `error: ...`
+    on stderr with exit code 2."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        setup_logging()
+        quiet_native_stderr()
+        setup_logging(run_log=RUN_LOG)
+        start = time.perf_counter()
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            log.error("error: %s", exc)
             sys.exit(USER_ERROR_EXIT)
+        log.info("%s: done in %.1f s", stage_name(), time.perf_counter() - start)
+        return result
 
     return wrapper  # type: ignore[return-value]
+
+
+__all__ = ["USER_ERROR_EXIT", "UserError", "log", "setup_logging", "stage_main"]

@@ -21,13 +21,20 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from imgclf.io import write_csv, write_json, write_text
+from imgclf.io import read_csv, write_csv, write_json, write_text
 
 DIGITS = 6  # metrics are rounded so that diffs stay readable; far below any meaningful difference
 
 
 def _r(x: float) -> float:
     return round(float(x), DIGITS)
+
+
+def normalised(probs: np.ndarray, floor: float = 1e-7) -> np.ndarray:
+    """Rows as float64 distributions: clipped at `floor` (log loss needs > 0) and renormalised to sum to one.
+    Softmax in float32, or probabilities read back with 8 decimals, are off by ~1e-7 (scikit-learn warns)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), floor, 1.0)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def probability_columns(classes: list[str]) -> list[str]:
@@ -46,11 +53,14 @@ def predictions_frame(paths: list[str], actual: list[str], probs: np.ndarray, cl
 
 
 def bootstrap_interval(
-    y_true: np.ndarray, y_pred: np.ndarray, n: int, confidence: float, seed: int
+    y_true: np.ndarray, y_pred: np.ndarray, n: int, confidence: float, seed: int, n_classes: int
 ) -> dict[str, list[float]]:
-    """Percentile bootstrap intervals (resampling test images with replacement) for accuracy and macro F1."""
+    """Percentile bootstrap intervals (resampling test images with replacement) for accuracy and macro F1.
+
+    Macro F1 averages over the same `n_classes` classes as the point estimate in every resample, so the
+    interval is an interval of that very statistic."""
     rng = np.random.default_rng(seed)
-    labels = np.unique(np.concatenate([y_true, y_pred]))
+    labels = np.arange(n_classes)
     acc, f1 = np.empty(n), np.empty(n)
     for i in range(n):
         idx = rng.integers(0, len(y_true), len(y_true))
@@ -74,7 +84,7 @@ def compute_metrics(
     metrics: dict[str, Any] = {
         "test_images": len(y_true),
         "accuracy": _r(accuracy_score(y_true, y_pred)),
-        "loss": _r(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=k)),
+        "loss": _r(log_loss(y_true, normalised(probs), labels=k)),
         "per_class": {
             c: {"precision": _r(p[i]), "recall": _r(r[i]), "f1": _r(f[i]), "support": int(s[i])}
             for i, c in enumerate(classes)
@@ -85,15 +95,15 @@ def compute_metrics(
         metrics[avg] = {"precision": _r(ap), "recall": _r(ar), "f1": _r(af)}
     present = np.unique(y_true)
     if len(present) == len(classes):
-        normalised = probs / probs.sum(axis=1, keepdims=True)
+        scores = normalised(probs, floor=0.0)  # no clipping: it would tie the smallest scores
         if len(classes) == 2:  # binary: scikit-learn wants the positive class's score (one-vs-rest is the same)
-            auc = roc_auc_score(y_true, normalised[:, 1])
+            auc = roc_auc_score(y_true, scores[:, 1])
         else:
-            auc = roc_auc_score(y_true, normalised, multi_class="ovr", labels=k)
+            auc = roc_auc_score(y_true, scores, multi_class="ovr", labels=k)
         metrics["roc_auc_ovr_macro"] = _r(auc)
     else:  # AUC is undefined for a class absent from the test split
         metrics["roc_auc_ovr_macro"] = None
-    ci = bootstrap_interval(y_true, y_pred, n_bootstrap, confidence, seed)
+    ci = bootstrap_interval(y_true, y_pred, n_bootstrap, confidence, seed, len(classes))
     metrics["ci"] = {"level": confidence, "resamples": n_bootstrap, **ci}
     return metrics
 
@@ -116,11 +126,7 @@ def evaluate_and_write(
     plot_dir = Path(plot_dir)
     metrics = compute_metrics(actual, probs, classes, n_bootstrap, confidence, seed)
     write_json(metrics_path, metrics)
-    predictions = predictions_frame(paths, actual, probs, classes)
-    with_format = predictions.copy()
-    for col in probability_columns(classes):
-        with_format[col] = with_format[col].map(format_probability)
-    write_csv(with_format, plot_dir / "predictions.csv")
+    predictions = write_predictions(plot_dir / "predictions.csv", paths, actual, probs, classes)
     report = classification_report(actual, predictions.predicted, labels=classes, digits=4, zero_division=0)
     write_text(plot_dir / "classification_report.txt", f"{name} on the test split ({len(actual)} images)\n\n{report}")
     matrix = confusion_matrix(actual, predictions.predicted, labels=classes)
@@ -128,8 +134,30 @@ def evaluate_and_write(
     return metrics
 
 
+def write_predictions(
+    path: str | Path, paths: list[str], actual: list[str], probs: np.ndarray, classes: list[str]
+) -> pd.DataFrame:
+    """predictions.csv (path, actual, predicted, p_<class>...) with fixed-format probabilities."""
+    predictions = predictions_frame(paths, actual, probs, classes)
+    with_format = predictions.copy()
+    for col in probability_columns(classes):
+        with_format[col] = with_format[col].map(format_probability)
+    write_csv(with_format, path)
+    return predictions
+
+
 def read_predictions(path: str | Path) -> tuple[pd.DataFrame, list[str], np.ndarray]:
-    """predictions.csv -> (frame, classes, probabilities (N, K))."""
-    frame = pd.read_csv(path, keep_default_na=False)
+    """predictions.csv -> (frame, classes, probabilities (N, K)), labels as text."""
+    frame = read_csv(path)
     columns = [c for c in frame.columns if c.startswith("p_")]
     return frame, [c[2:] for c in columns], frame[columns].to_numpy(dtype=np.float64)
+
+
+def accuracy_and_loss(actual: list[str], probs: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Accuracy and log loss of class probabilities (used on the validation split to pick the best model)."""
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[a] for a in actual])
+    return {
+        "accuracy": _r(accuracy_score(y_true, probs.argmax(axis=1))),
+        "loss": _r(log_loss(y_true, normalised(probs), labels=list(range(len(classes))))),
+    }

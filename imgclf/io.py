@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,20 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+# Columns that hold text, whatever they look like: a class folder named `0`, `007` or `NA` is a label, not a
+# number or a missing value; a sha256 of digits only is still a hash.
+TEXT_COLUMNS = ("path", "label", "actual", "predicted", "sha256", "group", "phash", "provided_split", "status",
+                "reason", "mode", "format", "error", "labels", "path_a", "path_b", "label_a", "label_b")  # fmt: skip
+
+
+def read_csv(path: str | Path) -> pd.DataFrame:
+    """Read a CSV the pipeline wrote: text columns stay text (labels `0` and `007` are two classes)."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split(",")
+    text = {c: str for c in header if c in TEXT_COLUMNS}
+    return pd.read_csv(path, dtype=text, keep_default_na=False)
+
+
 def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, lineterminator="\n")
@@ -83,3 +98,41 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
+
+
+def save_keras(model: Any, path: str | Path) -> None:
+    """Save a Keras model as deterministic bytes: the same weights give the same file.
+
+    A `.keras` file is a zip whose metadata.json holds the save date, whose weights entry carries the save
+    time, and whose config.json numbers shared objects by their memory address (`shared_object_id`); all
+    three change on every run (and with them DVC's hash of the model). The weights themselves are written
+    deterministically, so the archive is rewritten with a fixed entry time, no save date, and the shared
+    objects numbered 0, 1, 2... in order of appearance (the loader only matches equal ids within one file).
+    """
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp) as src:
+            entries = [(info, src.read(info)) for info in src.infolist()]
+        with zipfile.ZipFile(tmp, "w") as dst:
+            for info, data in entries:
+                if info.filename == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                elif info.filename == "config.json":
+                    data = json.dumps(_renumber_shared_objects(json.loads(data), {})).encode()
+                fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+                fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+                dst.writestr(fixed, data)
+
+
+def _renumber_shared_objects(node: Any, ids: dict[Any, int]) -> Any:
+    """Replace every `shared_object_id` (a memory address) by its order of first appearance."""
+    if isinstance(node, dict):
+        return {
+            k: ids.setdefault(v, len(ids)) if k == "shared_object_id" else _renumber_shared_objects(v, ids)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_renumber_shared_objects(v, ids) for v in node]
+    return node

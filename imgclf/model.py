@@ -1,10 +1,11 @@
-"""The models: raw-image preprocessing, the frozen backbone, the attention head, the end-to-end model.
+"""The attention head and the end-to-end model.
 
-    image (B, S, S, 3) 0..255 --Preprocess--> backbone (frozen) --> feature map (B, h, w, C)
+    image (B, S, S, 3) 0..255 --extractor (extractor.py)--> feature map (B, h, w, C)
     feature map --head--> class probabilities (B, K)
 
-The head is trained on cached feature maps (see features.py); the end-to-end model joins the same
-layers for deployment and fine-tuning.
+The head is trained on cached feature maps (see features.py); the end-to-end model joins the extractor
+and the head for deployment and fine-tuning. The extractor lives in its own module so that the backbone
+pass (features@<bb>) does not depend on the head's code.
 """
 
 from __future__ import annotations
@@ -15,27 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from imgclf.backbones import get_backbone
-
-
-@keras.saving.register_keras_serializable(package="imgclf")
-class Preprocess(layers.Layer):
-    """Raw RGB 0..255 -> what the backbone expects: its own preprocess_input, or x/255 ("rescale")."""
-
-    def __init__(self, backbone: str, mode: str = "backbone", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if mode not in ("backbone", "rescale"):
-            raise ValueError(f"preprocessing must be 'backbone' or 'rescale'. Received: mode={mode!r}")
-        self.backbone = backbone
-        self.mode = mode
-
-    def call(self, images: Any) -> Any:
-        if self.mode == "rescale":
-            return images / 255.0
-        return get_backbone(self.backbone).preprocess_input()(images)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "backbone": self.backbone, "mode": self.mode}
+from imgclf.extractor import Preprocess
 
 
 @keras.saving.register_keras_serializable(package="imgclf")
@@ -66,14 +47,6 @@ class Standardize(layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "channels": self.channels}
-
-
-def build_extractor(backbone_model: keras.Model, backbone: str, image_size: int, mode: str) -> keras.Model:
-    """Raw image (B, S, S, 3) -> feature map (B, h, w, C), the backbone run in inference mode."""
-    image = keras.Input((image_size, image_size, 3), name="image")
-    x = Preprocess(backbone, mode, name="preprocess")(image)
-    features = backbone_model(x, training=False)
-    return keras.Model(image, features, name=f"{backbone}_extractor")
 
 
 def build_attention_head(
@@ -127,14 +100,6 @@ def attention_model(head: keras.Model) -> keras.Model:
     return keras.Model(head.input, keras.ops.reshape(received, (-1, h, w)), name="attention_map")
 
 
-def backbone_of(extractor: keras.Model) -> keras.Model:
-    """The backbone model nested in an extractor (or in an end-to-end model's extractor)."""
-    nested = [layer for layer in extractor.layers if isinstance(layer, keras.Model)]
-    if len(nested) != 1:
-        raise ValueError(f"expected one nested backbone model in {extractor.name}. Received: {len(nested)}")
-    return nested[0]
-
-
 def build_end_to_end(extractor: keras.Model, head: keras.Model, name: str) -> keras.Model:
     """Raw image (B, S, S, 3) 0..255 -> class probabilities (B, K): the deployable model."""
     image = keras.Input(extractor.input.shape[1:], name="image")
@@ -147,5 +112,5 @@ def count_params(model: keras.Model) -> dict[str, int]:
 
 
 def load_model(path: str) -> keras.Model:
-    """Load a saved .keras model (the imgclf layers are registered on import of this module)."""
-    return keras.saving.load_model(path, compile=False)
+    """Load a saved .keras model (an extractor, a head or both): the imgclf layers are registered here."""
+    return keras.saving.load_model(path, compile=False, custom_objects={"Preprocess": Preprocess})

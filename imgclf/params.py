@@ -15,6 +15,7 @@ import yaml
 
 from imgclf.backbones import BACKBONES, resolve_weights_path
 from imgclf.errors import UserError
+from imgclf.images import HIGH_BIT_DEPTH_RULES
 
 # The shape of params.yaml: a type, a tuple of allowed strings, or a nested section.
 TRAIN_KEYS: dict[str, Any] = {
@@ -36,8 +37,12 @@ SCHEMA: dict[str, Any] = {
         "min_side": "posint",
         "max_pixels": "posint",
         "background": "rgb",
+        "high_bit_depth": HIGH_BIT_DEPTH_RULES,
+        "window": "percentiles",
         "use_provided_splits": "bool",
         "label_conflicts": ("skip", "majority"),
+        "near_duplicates": ("group", "report", "off"),
+        "near_duplicate_distance": "nonnegint",
     },
     "eda": {"samples_per_class": "posint"},
     "split": {"val": "fraction", "test": "fraction"},
@@ -51,7 +56,7 @@ SCHEMA: dict[str, Any] = {
     },
     "train": {**TRAIN_KEYS, "overrides": "overrides"},
     "fine_tune": {"layers": "nonnegint", "lr": "posfloat", "epochs": "posint", "batch_size": "posint"},
-    "evaluate": {"bootstrap": "posint", "confidence": "fraction", "attention_images_per_class": "nonnegint"},
+    "evaluate": {"bootstrap": "posint", "confidence": "fraction", "attention_images_per_class": "posint"},
 }
 
 
@@ -153,6 +158,15 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
         ):
             raise UserError(f"{name}={value!r} must be a list of three integers 0-255 (R, G, B)")
         return list(value)
+    if rule == "percentiles":
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            and 0 <= value[0] < value[1] <= 100
+        ):
+            raise UserError(f"{name}={value!r} must be two percentiles [low, high] with 0 <= low < high <= 100")
+        return [float(v) for v in value]
     if rule == "backbones":
         if not isinstance(value, list) or not value:
             raise UserError(f"{name} must be a non-empty list; known backbones: {', '.join(BACKBONES)}")
@@ -170,6 +184,7 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
         for bb, section in value.items():
             if bb not in BACKBONES:
                 raise UserError(f"{name} names unknown backbone {bb!r}; known backbones: {', '.join(BACKBONES)}")
+            section = section or {}
             if not isinstance(section, dict):
                 raise UserError(f"{name}.{bb} must be a section of train keys; got {section!r}")
             out[bb] = _check_partial(f"{name}.{bb}", section, TRAIN_KEYS)
@@ -190,6 +205,13 @@ def _check_partial(name: str, value: Any, rule: Any) -> Any:
 
 
 def _check_cross(params: dict[str, Any]) -> None:
+    # train@<bb> tracks only train.overrides.<bb> (so an override reruns that backbone alone): DVC needs the key.
+    missing = [bb for bb in params["backbones"] if bb not in params["train"]["overrides"]]
+    if missing:
+        raise UserError(
+            f"train.overrides has no entry for {', '.join(missing)}; add `{missing[0]}: {{}}` under train.overrides "
+            "(one entry per backbone in backbones, empty for none)"
+        )
     split = params["split"]
     if split["val"] + split["test"] >= 1:
         raise UserError(

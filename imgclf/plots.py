@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from imgclf.images import load_image
+from imgclf.images import DEFAULT_RECIPE, ImageRecipe, load_image
 from imgclf.io import save_figure
 
 
@@ -36,7 +36,13 @@ def class_pie_chart(counts: dict[str, int], path: str | Path, title: str = "Clas
 
 
 def sample_grid(
-    frame: pd.DataFrame, root: str | Path, path: str | Path, per_class: int, seed: int, image_size: int = 96
+    frame: pd.DataFrame,
+    root: str | Path,
+    path: str | Path,
+    per_class: int,
+    seed: int,
+    image_size: int = 96,
+    recipe: ImageRecipe = DEFAULT_RECIPE,
 ) -> None:
     """A grid of `per_class` randomly chosen (seeded) images for each class, one row per class."""
     labels = sorted(set(frame.label))
@@ -49,7 +55,7 @@ def sample_grid(
             ax = axes[r][c]
             ax.axis("off")
             if c < len(chosen):
-                image = load_image(Path(root) / chosen.iloc[c].path, image_size)
+                image = load_image(Path(root) / chosen.iloc[c].path, image_size, recipe)
                 ax.imshow(image.astype(np.uint8))
             if c == 0:
                 ax.set_title(label, loc="left", fontsize=10)

@@ -14,14 +14,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from imgclf.errors import UserError
 from imgclf.evaluation import format_probability, probability_columns
-from imgclf.images import IMAGE_EXTENSIONS, ImageSkip, decode_image, load_image
+from imgclf.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, ImageSkip, decode_image, load_image
 from imgclf.io import read_json
+from imgclf.logs import Progress
 
 MODEL_FILE = "model.keras"
+ENSEMBLE_FILE = "ensemble.json"  # written by compare: the backbones of the pipeline's ensemble
+
+
+def ensemble_backbones(models_dir: str | Path) -> list[str]:
+    """The backbones the pipeline put in its ensemble (compare's record), never whatever folders exist."""
+    record = Path(models_dir) / ENSEMBLE_FILE
+    if not record.is_file():
+        raise UserError(
+            f"no ensemble record {record}; run `dvc repro` (compare writes it), or pass --models-dir pointing at "
+            "the folder that holds it"
+        )
+    return list(read_json(record)["backbones"])
 
 
 @dataclass
@@ -46,6 +58,12 @@ class Classifier:
         return cls(info["backbone"], full.get_layer(f"{info['backbone']}_extractor"), full.get_layer("head"), info)
 
     @property
+    def recipe(self) -> ImageRecipe:
+        """How training decoded images (background, pixel limit, high-bit-depth rule), from info.json."""
+        recorded = self.info.get("image_recipe")
+        return ImageRecipe.from_params(recorded) if recorded else DEFAULT_RECIPE
+
+    @property
     def classes(self) -> list[str]:
         return list(self.info["classes"])
 
@@ -57,7 +75,8 @@ class Classifier:
         """Feature maps (N, h, w, C) of readable images, computed as features@<bb> computes them."""
         from imgclf.features import iter_features
 
-        return np.concatenate(list(iter_features(self.extractor, paths, self.image_size, batch_size, desc=self.name)))
+        parts = iter_features(self.extractor, paths, self.image_size, batch_size, self.recipe, desc=self.name)
+        return np.concatenate(list(parts))
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         return self.head.predict(features, batch_size=256, verbose=0)  # (N, K)
@@ -85,12 +104,12 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def readable(paths: list[Path]) -> dict[Path, str]:
+def readable(paths: list[Path], recipe: ImageRecipe = DEFAULT_RECIPE) -> dict[Path, str]:
     """The unreadable paths with the reason, decoding each fully (as prepare does)."""
     errors = {}
     for path in paths:
         try:
-            decode_image(path)
+            decode_image(path, recipe)
         except ImageSkip as exc:
             errors[path] = str(exc)
         except OSError as exc:
@@ -101,16 +120,26 @@ def readable(paths: list[Path]) -> dict[Path, str]:
 def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int = 32, chunk: int = 512) -> pd.DataFrame:
     """CSV-ready predictions: path, predicted, one probability per class, error. With several classifiers,
     their probabilities are averaged (soft voting). Processed in chunks so memory stays flat."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size={batch_size} must be a positive number of images per forward pass")
     classes = classifiers[0].classes
     for c in classifiers[1:]:
         if c.classes != classes:
-            raise UserError(f"models disagree on the classes ({classes} vs {c.classes}); retrain them together")
+            raise UserError(
+                f"{classifiers[0].name} and {c.name} were trained on different classes ({classes} vs {c.classes}); "
+                "an ensemble needs models trained together: rerun `dvc repro`"
+            )
+        if c.recipe != classifiers[0].recipe:
+            raise UserError(
+                f"{classifiers[0].name} and {c.name} decode images differently ({classifiers[0].recipe} vs "
+                f"{c.recipe}); an ensemble needs models trained together: rerun `dvc repro`"
+            )
     columns = probability_columns(classes)
     rows = []
-    with tqdm(total=len(paths), desc="predict", unit="img", disable=None, mininterval=2) as bar:
+    with Progress(len(paths), "predict") as bar:
         for start in range(0, len(paths), chunk):
             part = paths[start : start + chunk]
-            errors = readable(part)
+            errors = readable(part, classifiers[0].recipe)
             good = [p for p in part if p not in errors]
             probs = np.zeros((len(good), len(classes)))
             for clf in classifiers:

@@ -11,23 +11,33 @@ import keras
 import numpy as np
 import pandas as pd
 
-from imgclf.images import load_image
+from imgclf.features import load_or_stop
+from imgclf.images import DEFAULT_RECIPE, ImageRecipe
+from imgclf.logs import log
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 class LiveLogger(keras.callbacks.Callback):
-    """Log loss and accuracy (train and validation) per epoch to a dvclive.Live, one step per epoch."""
+    """Log loss and accuracy (train and validation) per epoch to a dvclive.Live, one step per epoch, and
+    one line per epoch to stderr and the run log (`train@vgg16 epoch 3/60: loss 0.41 ...`)."""
 
-    def __init__(self, live: Any) -> None:
+    def __init__(self, live: Any, desc: str = "train") -> None:
         super().__init__()
-        self.live = live
+        self.live, self.desc = live, desc
+        self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
         for key in HISTORY_KEYS:
-            if logs and key in logs:
+            if key in logs:
                 self.live.log_metric(key, float(logs[key]))
         self.live.next_step()
+        log.info(
+            "%s epoch %d/%d: %s (%.1f s)",
+            self.desc, epoch + 1, self.params.get("epochs", 0),
+            ", ".join(f"{k} {logs[k]:.4f}" for k in HISTORY_KEYS if k in logs), time.perf_counter() - self.start,
+        )  # fmt: skip
 
 
 def history_lists(history: Any) -> dict[str, list[float]]:
@@ -68,7 +78,8 @@ def fit_head(
     params: dict[str, Any],
     callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
-    """Adam + sparse cross-entropy; EarlyStopping restores the best weights. Returns the history and timing."""
+    """Adam + sparse cross-entropy; EarlyStopping restores the best weights. Returns the history, the epochs
+    run and the best epoch (the timing, which varies run to run, is returned apart: `seconds`)."""
     compile_model(head, params["lr"])
     stopper = keras.callbacks.EarlyStopping(
         monitor=params["early_stopping"]["monitor"],
@@ -84,7 +95,7 @@ def fit_head(
         batch_size=params["batch_size"],
         shuffle=True,
         callbacks=[stopper, *callbacks],
-        verbose=2,
+        verbose=0,  # the LiveLogger writes one line per epoch
     )
     return {
         "history": history_lists(history),
@@ -98,10 +109,16 @@ class ImageBatches(keras.utils.PyDataset):
     """Raw image batches (B, S, S, 3) 0..255 with integer labels, loaded by the shared load_image."""
 
     def __init__(
-        self, paths: list[Path], labels: np.ndarray, image_size: int, batch_size: int, shuffle_seed: int | None = None
+        self,
+        paths: list[Path],
+        labels: np.ndarray,
+        image_size: int,
+        batch_size: int,
+        shuffle_seed: int | None = None,
+        recipe: ImageRecipe = DEFAULT_RECIPE,
     ) -> None:
         super().__init__()
-        self.paths, self.labels = paths, labels
+        self.paths, self.labels, self.recipe = paths, labels, recipe
         self.image_size, self.batch_size = image_size, batch_size
         self.order = np.arange(len(paths))
         self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
@@ -112,7 +129,7 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack([load_image(self.paths[i], self.image_size) for i in rows])
+        images = np.stack([load_or_stop(self.paths[i], self.image_size, self.recipe) for i in rows])
         return images, self.labels[rows]
 
     def on_epoch_end(self) -> None:
@@ -144,6 +161,7 @@ def fine_tune(
     params: dict[str, Any],
     seed: int,
     callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
+    recipe: ImageRecipe = DEFAULT_RECIPE,
 ) -> dict[str, Any]:
     """Train end to end on images with a tiny learning rate, the top `params['layers']` backbone layers unfrozen."""
     unfrozen = unfreeze_top(backbone, params["layers"])
@@ -152,7 +170,8 @@ def fine_tune(
 
     def data(frame: pd.DataFrame, shuffle_seed: int | None) -> ImageBatches:
         paths = [Path(root) / p for p in frame.path]
-        return ImageBatches(paths, frame.label.map(index).to_numpy(), image_size, params["batch_size"], shuffle_seed)
+        labels = frame.label.map(index).to_numpy()
+        return ImageBatches(paths, labels, image_size, params["batch_size"], shuffle_seed, recipe)
 
     start = time.perf_counter()
     history = full.fit(
@@ -160,7 +179,7 @@ def fine_tune(
         validation_data=data(val, None),
         epochs=params["epochs"],
         callbacks=list(callbacks),
-        verbose=2,
+        verbose=0,
     )
     backbone.trainable = False
     return {

@@ -1,16 +1,14 @@
 """balance: oversample the training split (train only; val and test keep the true distribution).
 
-python stages/balance.py --split-dir data/split --out data/balanced/train.csv --metrics metrics/data.json
+python -m stages.balance --split-dir data/split --out data/balanced/train.csv --metrics metrics/data.json
 """
 
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from imgclf.data import balance_train, class_counts
 from imgclf.errors import log, stage_main
-from imgclf.io import write_csv, write_json
+from imgclf.io import read_csv, write_csv, write_json
 from imgclf.params import load_params
 
 
@@ -23,9 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
 
-    splits = {
-        name: pd.read_csv(args.split_dir / f"{name}.csv", keep_default_na=False) for name in ("train", "val", "test")
-    }
+    splits = {name: read_csv(args.split_dir / f"{name}.csv") for name in ("train", "val", "test")}
     balanced = balance_train(splits["train"], params["balance"]["method"], params["base"]["seed"])
     write_csv(balanced, args.out)
     counts = {

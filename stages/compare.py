@@ -1,8 +1,11 @@
 """compare: all backbones side by side, plus their soft-voting ensemble evaluated like a backbone.
 
-    python stages/compare.py --metrics-dir metrics/backbones --plots-dir plots/backbones --models-dir models \
-        --features-dir data/features --summary metrics/summary.json --ensemble-metrics metrics/ensemble.json \
-        --ensemble-dir plots/ensemble --out-dir plots/compare
+    python -m stages.compare --metrics-dir metrics/backbones --plots-dir plots/backbones \
+        --summary metrics/summary.json --ensemble-metrics metrics/ensemble.json --ensemble-dir plots/ensemble \
+        --ensemble-record models/ensemble.json --out-dir plots/compare
+
+The backbones are those in params.yaml (a folder left over from a removed backbone is ignored). The best
+model is picked on the validation split; the test split only reports how good the pick is.
 """
 
 import argparse
@@ -10,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from imgclf.compare import ensemble_probabilities, markdown_table, summary_row
+from imgclf.compare import ensemble_probabilities, markdown_table, pick_best, summary_row
 from imgclf.errors import UserError, log, stage_main
-from imgclf.evaluation import evaluate_and_write
+from imgclf.evaluation import accuracy_and_loss, evaluate_and_write, read_predictions, write_predictions
 from imgclf.io import read_json, write_csv, write_json, write_text
 from imgclf.params import load_params
 from imgclf.plots import comparison_plot
@@ -22,8 +25,8 @@ from imgclf.plots import comparison_plot
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in (
-        "--metrics-dir", "--plots-dir", "--models-dir", "--features-dir", "--summary", "--ensemble-metrics",
-        "--ensemble-dir", "--out-dir",
+        "--metrics-dir", "--plots-dir", "--summary", "--ensemble-metrics", "--ensemble-dir", "--ensemble-record",
+        "--out-dir",
     ):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args()
@@ -34,26 +37,26 @@ def main() -> None:
     missing = [bb for bb in backbones if not (args.metrics_dir / f"{bb}.json").is_file()]
     if missing:
         raise UserError(f"no evaluation for {', '.join(missing)}; run `dvc repro` (compare needs evaluate@<backbone>)")
+    val, val_classes, val_probs = ensemble_probabilities(
+        [args.plots_dir / bb / "val_predictions.csv" for bb in backbones]
+    )
+    test, classes, probs = ensemble_probabilities([args.plots_dir / bb / "predictions.csv" for bb in backbones])
     rows = []
     for bb in backbones:
-        metrics = read_json(args.metrics_dir / f"{bb}.json")
-        model_info = read_json(args.models_dir / bb / "info.json")
-        features_info = read_json(args.features_dir / bb / "info.json")
-        rows.append(
-            summary_row(
-                bb,
-                metrics,
-                {
-                    "params_total": model_info["model_params"]["total"],
-                    "params_trainable": model_info["model_params"]["trainable"],
-                    "features_seconds": features_info["seconds"],
-                    "train_seconds": model_info["train_seconds"],
-                },
-            )
-        )
-    test, classes, probs = ensemble_probabilities([args.plots_dir / bb / "predictions.csv" for bb in backbones])
+        model = read_json(args.plots_dir / bb / "model.json")
+        _, _, bb_val_probs = read_predictions(args.plots_dir / bb / "val_predictions.csv")
+        on_val = accuracy_and_loss(list(val.actual), bb_val_probs, val_classes)
+        extra = {
+            "val_accuracy": on_val["accuracy"],
+            "val_loss": on_val["loss"],
+            "params_total": model["model_params"]["total"],
+            "params_trainable": model["model_params"]["trainable"],
+        }
+        rows.append(summary_row(bb, read_json(args.metrics_dir / f"{bb}.json"), extra))
+    name = "ensemble (" + " + ".join(backbones) + ")"
+    write_predictions(args.ensemble_dir / "val_predictions.csv", list(val.path), list(val.actual), val_probs, classes)
     ensemble = evaluate_and_write(
-        "ensemble (" + " + ".join(backbones) + ")",
+        name,
         list(test.path),
         list(test.actual),
         probs,
@@ -64,21 +67,30 @@ def main() -> None:
         evaluate["confidence"],
         params["base"]["seed"],
     )
-    rows.append(summary_row("ensemble", ensemble, {}))
+    on_val = accuracy_and_loss(list(val.actual), val_probs, classes)
+    rows.append(summary_row("ensemble", ensemble, {"val_accuracy": on_val["accuracy"], "val_loss": on_val["loss"]}))
     summary = pd.DataFrame(rows)
+    best = pick_best(summary)
 
-    # Timings vary run to run: they go in the table, not in the metrics (which must repeat byte for byte).
-    deterministic = {
-        row["model"]: {k: v for k, v in row.items() if k not in ("model", "features_seconds", "train_seconds")}
-        for row in rows
-    }
-    best = summary.sort_values("accuracy", ascending=False, kind="stable").iloc[0]
-    write_json(args.summary, {"models": deterministic, "best": best.model, "ci_level": evaluate["confidence"]})
+    write_json(args.ensemble_record, {"backbones": backbones, "classes": classes})
+    write_json(
+        args.summary,
+        {
+            "best": best,
+            "best_by": "validation accuracy, then validation loss",
+            "ci_level": evaluate["confidence"],
+            "models": {row["model"]: {k: v for k, v in row.items() if k != "model"} for row in rows},
+        },
+    )
     write_csv(summary, args.out_dir / "summary.csv")
     table = markdown_table(summary, evaluate["confidence"])
-    write_text(args.out_dir / "summary.md", f"# Backbones compared on the test split\n\n{table}")
+    write_text(
+        args.out_dir / "summary.md",
+        f"# Backbones compared\n\nBest on the validation split: **{best}**. Test numbers, with bootstrap "
+        f"intervals, estimate how good each model is; they are not used to choose.\n\n{table}",
+    )
     comparison_plot(summary, args.out_dir / "comparison.png")
-    log.info("compare:\n%s", table)
+    log.info("compare: best on validation: %s\n%s", best, table)
 
 
 if __name__ == "__main__":

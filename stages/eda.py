@@ -1,6 +1,6 @@
 """eda: class count plot, pie chart and a grid of sample images per class, from the manifest.
 
-python stages/eda.py --manifest data/prepared/manifest.csv --out-dir plots/eda
+python -m stages.eda --manifest data/prepared/manifest.csv --out-dir plots/eda
 """
 
 import argparse
@@ -10,7 +10,8 @@ import pandas as pd
 
 from imgclf.data import class_counts
 from imgclf.errors import stage_main
-from imgclf.io import write_csv
+from imgclf.images import ImageRecipe
+from imgclf.io import read_csv, write_csv
 from imgclf.params import load_params
 from imgclf.plots import class_count_plot, class_pie_chart, sample_grid
 
@@ -23,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
 
-    manifest = pd.read_csv(args.manifest, keep_default_na=False)
+    manifest = read_csv(args.manifest)
     kept = manifest[manifest.status == "ok"]
     counts = class_counts(kept)
     write_csv(pd.DataFrame({"label": list(counts), "count": list(counts.values())}), args.out_dir / "class_counts.csv")
@@ -35,6 +36,7 @@ def main() -> None:
         args.out_dir / "samples.png",
         per_class=params["eda"]["samples_per_class"],
         seed=params["base"]["seed"],
+        recipe=ImageRecipe.from_params(params["data"]),
     )
 
 

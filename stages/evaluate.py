@@ -1,6 +1,7 @@
-"""evaluate@<backbone>: test-split metrics, predictions, classification report, confusion matrix, attention.
+"""evaluate@<backbone>: test-split metrics, predictions, classification report, confusion matrix, attention;
+and the validation split's predictions, on which compare picks the best model.
 
-    python stages/evaluate.py vgg16 --features data/features/vgg16 --test data/split/test.csv \
+    python -m stages.evaluate vgg16 --features data/features/vgg16 --split-dir data/split \
         --model-dir models/vgg16 --metrics metrics/backbones/vgg16.json --plot-dir plots/backbones/vgg16
 """
 
@@ -8,10 +9,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from imgclf.errors import log, stage_main
-from imgclf.io import read_json
+from imgclf.images import ImageRecipe
+from imgclf.io import read_csv, read_json, write_json
 from imgclf.params import load_params
 from imgclf.repro import seed_everything
 
@@ -20,36 +21,45 @@ from imgclf.repro import seed_everything
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone")
-    for name in ("--features", "--test", "--model-dir", "--metrics", "--plot-dir"):
+    for name in ("--features", "--split-dir", "--model-dir", "--metrics", "--plot-dir"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args()
     params = load_params()
     seed = params["base"]["seed"]
     seed_everything(seed)
 
-    from imgclf.evaluation import evaluate_and_write
-    from imgclf.features import FeatureStore
-    from imgclf.images import load_image
+    from imgclf.evaluation import evaluate_and_write, write_predictions
+    from imgclf.features import load_or_stop
     from imgclf.model import attention_model, load_model
     from imgclf.plots import attention_overlay
     from imgclf.predict import Classifier
+    from imgclf.store import FeatureStore
 
-    test = pd.read_csv(args.test, keep_default_na=False)
+    root = Path(params["data"]["root"])
+    splits = {name: read_csv(args.split_dir / f"{name}.csv") for name in ("val", "test")}
     info = read_json(args.model_dir / "info.json")
     classes = info["classes"]
+    recipe = ImageRecipe.from_params(params["data"])
     head = load_model(str(args.model_dir / "head.keras"))
     if info["fine_tuned"]:
         # The backbone changed during fine-tuning: the cached features are stale for this model.
         classifier = Classifier.load(args.model_dir)
-        features = classifier.features([Path(params["data"]["root"]) / p for p in test.path])
+        features = {name: classifier.features([root / p for p in frame.path]) for name, frame in splits.items()}
     else:
-        features = FeatureStore(args.features).take(test)
-    probs = head.predict(features, batch_size=256, verbose=0)
+        store = FeatureStore(args.features)
+        features = {name: store.take(frame) for name, frame in splits.items()}
+    probs = {name: head.predict(x, batch_size=256, verbose=0) for name, x in features.items()}
+    val, test = splits["val"], splits["test"]
+    write_predictions(args.plot_dir / "val_predictions.csv", list(val.path), list(val.label), probs["val"], classes)
+    write_json(
+        args.plot_dir / "model.json",
+        {k: info[k] for k in ("backbone", "classes", "image_size", "model_params", "head_params", "best_epoch")},
+    )
     metrics = evaluate_and_write(
         args.backbone,
         list(test.path),
         list(test.label),
-        probs,
+        probs["test"],
         classes,
         args.metrics,
         args.plot_dir,
@@ -61,9 +71,9 @@ def main() -> None:
     per_class = params["evaluate"]["attention_images_per_class"]
     if per_class:
         chosen = [i for c in classes for i in np.flatnonzero(test.label.to_numpy() == c)[:per_class]]
-        maps = attention_model(head).predict(features[chosen], verbose=0)  # (n, h, w)
-        images = [load_image(Path(params["data"]["root"]) / test.path[i], info["image_size"]) for i in chosen]
-        predicted = np.asarray(classes)[probs[chosen].argmax(axis=1)]
+        maps = attention_model(head).predict(features["test"][chosen], verbose=0)  # (n, h, w)
+        images = [load_or_stop(root / test.path[i], info["image_size"], recipe) for i in chosen]
+        predicted = np.asarray(classes)[probs["test"][chosen].argmax(axis=1)]
         titles = [f"{test.label[i]} -> {p}" for i, p in zip(chosen, predicted, strict=True)]
         attention_overlay(
             images, maps, titles, rows=len(classes), path=args.plot_dir / "attention.png",

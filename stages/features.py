@@ -1,16 +1,21 @@
 """features@<backbone>: run the frozen backbone once per unique image; cache the feature maps.
 
-python stages/features.py vgg16 --split-dir data/split --train data/balanced/train.csv --out-dir data/features/vgg16
+python -m stages.features vgg16 --images data/split/images.csv --out-dir data/features/vgg16
+
+It reads the list of unique images that split writes (sha256 and path of every image in train, val and
+test): that, not the data folder as a whole, is what the backbone pass depends on. A file added to the
+folder, a change of the split ratios or of balancing leave the list, and so the features, unchanged.
 """
 
 import argparse
+import time
 from pathlib import Path
-
-import pandas as pd
 
 from imgclf.backbones import build_backbone, get_backbone
 from imgclf.errors import log, stage_main
-from imgclf.features import compute_features, unique_images
+from imgclf.features import compute_features
+from imgclf.images import ImageRecipe
+from imgclf.io import read_csv
 from imgclf.params import load_params
 from imgclf.repro import seed_everything
 
@@ -19,8 +24,7 @@ from imgclf.repro import seed_everything
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone")
-    parser.add_argument("--split-dir", type=Path, required=True)
-    parser.add_argument("--train", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args()
     params = load_params()
@@ -28,13 +32,12 @@ def main() -> None:
     backbone = get_backbone(args.backbone)
     seed_everything(params["base"]["seed"])
 
-    from imgclf.model import build_extractor
+    from imgclf.extractor import build_extractor
 
-    frames = [pd.read_csv(args.train, keep_default_na=False)]
-    frames += [pd.read_csv(args.split_dir / f"{name}.csv", keep_default_na=False) for name in ("val", "test")]
-    images = unique_images(frames)
+    images = read_csv(args.images)
     model, weights = build_backbone(backbone, features["image_size"], features["weights"])
     extractor = build_extractor(model, backbone.name, features["image_size"], features["preprocessing"])
+    start = time.perf_counter()
     info = compute_features(
         extractor,
         images,
@@ -48,17 +51,15 @@ def main() -> None:
             "preprocessing": features["preprocessing"],
             **weights,
         },
-        background=tuple(params["data"]["background"]),
+        recipe=ImageRecipe.from_params(params["data"]),
     )
+    seconds = time.perf_counter() - start
     log.info(
-        "features@%s: %d unique images (%d list rows) -> %s in %.1f s (%.1f images/s)",
-        backbone.name,
-        info["images"],
-        sum(len(f) for f in frames),
-        tuple(info["feature_shape"]),
-        info["seconds"],
-        info["images_per_second"] or 0,
-    )
+        "features@%s: %d backbone passes (one per unique image of train, val and test) -> %s in %.1f s "
+        "(%.1f images/s)",
+        backbone.name, info["images"], tuple(info["feature_shape"]), seconds,
+        info["images"] / seconds if seconds > 0 else 0.0,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

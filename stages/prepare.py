@@ -1,13 +1,23 @@
 """prepare: scan data.root into a manifest with one row for every file found.
 
-python stages/prepare.py --out-dir data/prepared --metrics metrics/prepare.json
+python -m stages.prepare --out-dir data/prepared --metrics metrics/prepare.json
 """
 
 import argparse
+import time
 from pathlib import Path
 
-from imgclf.data import ScanOptions, check_classes, resolve_conflicts, scan_folder, summary_line
+from imgclf.data import (
+    ScanOptions,
+    check_classes,
+    group_near_duplicates,
+    near_duplicate_pairs,
+    resolve_conflicts,
+    scan_folder,
+    summary_line,
+)
 from imgclf.errors import log, stage_main
+from imgclf.images import ImageRecipe
 from imgclf.io import write_csv, write_json
 from imgclf.params import load_params
 
@@ -22,30 +32,39 @@ def main() -> None:
 
     options = ScanOptions(
         min_side=data["min_side"],
-        max_pixels=data["max_pixels"],
-        background=tuple(data["background"]),
-        use_provided_splits=data["use_provided_splits"],
-        label_conflicts=data["label_conflicts"],
+        recipe=ImageRecipe.from_params(data),
+        perceptual_hash=data["near_duplicates"] != "off",
     )
     manifest = scan_folder(data["root"], options)
     manifest, conflicts = resolve_conflicts(manifest, data["label_conflicts"])
     classes = check_classes(manifest)
+    pairs = None
+    if data["near_duplicates"] != "off":
+        start = time.perf_counter()
+        pairs = near_duplicate_pairs(manifest, data["near_duplicate_distance"])
+        if data["near_duplicates"] == "group":
+            manifest = group_near_duplicates(manifest, pairs)
+        log.info(
+            "prepare: %d near-duplicate pairs (perceptual hash distance <= %d; %d across labels) -> %s, "
+            "compared in %.1f s (data.near_duplicates=%s)",
+            len(pairs), data["near_duplicate_distance"], int((~pairs.same_label).sum()),
+            args.out_dir / "near_duplicates.csv", time.perf_counter() - start, data["near_duplicates"],
+        )  # fmt: skip
+        write_csv(pairs, args.out_dir / "near_duplicates.csv")
 
     write_csv(manifest, args.out_dir / "manifest.csv")
     write_csv(conflicts, args.out_dir / "label_conflicts.csv")
     kept = manifest[manifest.status == "ok"]
-    skipped = manifest[manifest.status == "skipped"]
-    assert len(manifest) == len(kept) + len(skipped)
-    write_json(
-        args.metrics,
-        {
-            "found": len(manifest),
-            "kept": len(kept),
-            "skipped": len(skipped),
-            "classes": len(classes),
-            "label_conflict_files": len(conflicts),
-        },
-    )
+    metrics = {
+        "found": len(manifest),
+        "kept": len(kept),
+        "skipped": int((manifest.status == "skipped").sum()),
+        "classes": len(classes),
+        "label_conflict_files": len(conflicts),
+    }
+    if pairs is not None:
+        metrics["near_duplicate_pairs"] = len(pairs)
+    write_json(args.metrics, metrics)
     log.info("prepare: %s in %s", summary_line(manifest), data["root"])
     if len(conflicts):
         log.warning(

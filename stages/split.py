@@ -1,16 +1,15 @@
 """split: stratified train/val/test lists; identical files (same sha256) always share a split.
 
-python stages/split.py --manifest data/prepared/manifest.csv --out-dir data/split
+python -m stages.split --manifest data/prepared/manifest.csv --out-dir data/split
 """
 
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
 from imgclf.data import class_counts, split_manifest
 from imgclf.errors import log, stage_main
-from imgclf.io import write_csv
+from imgclf.features import unique_images
+from imgclf.io import read_csv, write_csv
 from imgclf.params import load_params
 
 
@@ -22,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
 
-    manifest = pd.read_csv(args.manifest, keep_default_na=False)
+    manifest = read_csv(args.manifest)
     splits = split_manifest(
         manifest,
         val=params["split"]["val"],
@@ -33,6 +32,23 @@ def main() -> None:
     for name, frame in splits.items():
         write_csv(frame, args.out_dir / f"{name}.csv")
         log.info("split: %-5s %4d images %s", name, len(frame), class_counts(frame))
+    # The images the backbone passes read, one row per content: features@ depends on this list alone, so a
+    # change of the split ratios (which moves images between splits) does not rerun a backbone pass.
+    write_csv(unique_images(list(splits.values())), args.out_dir / "images.csv")
+    kept = manifest[manifest.status == "ok"]
+    sizes = kept.groupby("group").size() if "group" in kept else None
+    if sizes is not None and len(sizes) and sizes.max() > 1:
+        log.info(
+            "split: %d groups of identical or near-identical images kept together (largest: %d images, group %s)",
+            int((sizes > 1).sum()), int(sizes.max()), sizes.idxmax()[:12],
+        )  # fmt: skip
+        if sizes.max() > 0.5 * min(params["split"]["val"], params["split"]["test"]) * len(kept):
+            log.warning(
+                "split: one group holds %d of %d images, more than half a validation or test share: the split "
+                "cannot follow the ratios; see data/prepared/near_duplicates.csv and consider lowering "
+                "data.near_duplicate_distance",
+                int(sizes.max()), len(kept),
+            )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a temporary project needs: the pipeline definition, the code, the params.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "pyproject.toml"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "pyproject.toml", ".gitignore"]
 
 E2E_BACKBONES = ["vgg16", "mobilenet"]  # the fastest two; every registry entry is built in test_backbones.py
 TINY = {
@@ -31,6 +31,9 @@ TINY = {
     "evaluate.attention_images_per_class": 1,
     "split.val": 0.2,
     "split.test": 0.25,
+    # The synthetic shapes on noise are near-copies of each other by perceptual hash (every bar alike): grouping
+    # them would put whole classes in one split. Real near-duplicate grouping is tested in test_images.py.
+    "data.near_duplicates": "report",
 }
 
 
@@ -107,17 +110,21 @@ def update_params(project: Path, update: dict[str, Any]) -> None:
 
 
 def env(cwd: Path) -> dict[str, str]:
-    """The environment for subprocesses: this interpreter's `python` first on PATH, and the imgclf
-    package of the project in `cwd` (its copy, not this checkout's) first on the import path."""
+    """The environment for subprocesses: this interpreter's `python` first on PATH. Stages run as
+    `python -m stages.<name>` from the project, so they import the project's own imgclf/ (its copy, not
+    this checkout's) without help; `python -m imgclf` from elsewhere finds the project's copy through
+    PYTHONPATH."""
     out = dict(os.environ)
     out["PATH"] = os.path.dirname(sys.executable) + os.pathsep + out.get("PATH", "")
     out["PYTHONPATH"] = str(cwd) + os.pathsep + out.get("PYTHONPATH", "")
-    out["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    out.pop("TF_CPP_MIN_LOG_LEVEL", None)  # what a user has: the stages quiet TensorFlow themselves
     return out
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env(cwd), capture_output=True, text=True, timeout=timeout)
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900, environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=environ or env(cwd), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}\n"
@@ -126,8 +133,18 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> su
     return result
 
 
-def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], project, check=check)
+def dvc(
+    project: Path, *args: str, check: bool = True, environ: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], project, check=check, environ=environ)
+
+
+def git_status(project: Path) -> str:
+    return run(["git", "status", "--porcelain"], project).stdout
+
+
+# What TensorFlow's C++ core prints at start-up unless the stages filter it.
+TF_CHATTER = ("oneDNN custom operations", "absl::InitializeLog", "use_unbounded_threadpool", "cpu_feature_guard")
 
 
 # --- hostile files: every kind of bad or unusual file a real folder holds ---

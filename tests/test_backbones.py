@@ -26,7 +26,7 @@ def test_every_registered_backbone_has_an_expected_shape() -> None:
 
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_backbone_builds_frozen_at_its_minimum_size(name: str) -> None:
-    from imgclf.model import build_extractor
+    from imgclf.extractor import build_extractor
 
     backbone = get_backbone(name)
     model, record = build_backbone(backbone, backbone.min_size, "none")
@@ -42,15 +42,16 @@ def test_backbone_builds_frozen_at_its_minimum_size(name: str) -> None:
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_backbone_preprocessing_is_its_own(name: str) -> None:
     """VGG: BGR with ImageNet means subtracted (0-255 scale); MobileNet, Xception: [-1, 1]; rescale: x/255."""
-    from imgclf.model import Preprocess
+    from imgclf.extractor import Preprocess
 
-    white = np.full((1, 4, 4, 3), 255.0, dtype="float32")
-    out = np.asarray(Preprocess(name, "backbone")(white))
-    if name.startswith("vgg"):
-        np.testing.assert_allclose(out[0, 0, 0], [255 - 103.939, 255 - 116.779, 255 - 123.68], rtol=1e-5)
-    else:
-        np.testing.assert_allclose(out, 1.0)
-    np.testing.assert_allclose(np.asarray(Preprocess(name, "rescale")(white)), 1.0)
+    rgb = np.zeros((1, 4, 4, 3), dtype="float32")
+    rgb[..., :] = [10.0, 100.0, 200.0]  # channels differ, so an RGB/BGR slip or a wrong mean shows
+    out = np.asarray(Preprocess(name, "backbone")(rgb))[0, 0, 0]
+    if name.startswith("vgg"):  # BGR order, ImageNet channel means (B 103.939, G 116.779, R 123.68) subtracted
+        np.testing.assert_allclose(out, [200 - 103.939, 100 - 116.779, 10 - 123.68], rtol=1e-5)
+    else:  # RGB order, x / 127.5 - 1
+        np.testing.assert_allclose(out, [10 / 127.5 - 1, 100 / 127.5 - 1, 200 / 127.5 - 1], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(Preprocess(name, "rescale")(rgb))[0, 0, 0], [10 / 255, 100 / 255, 200 / 255])
 
 
 def test_unknown_backbone_lists_the_known_ones() -> None:
@@ -69,7 +70,7 @@ def test_weights_file_is_loaded_and_its_hash_recorded(tmp_path: Path) -> None:
     path = tmp_path / "vgg16.weights.h5"
     source.save_weights(path)
     model, record = build_backbone(backbone, 32, str(tmp_path / "{backbone}.weights.h5"))
-    assert record["weights_file"] == str(path) and len(record["weights_sha256"]) == 64
+    assert record["weights_file"] == path.name and len(record["weights_sha256"]) == 64  # no machine-specific path
     for a, b in zip(source.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

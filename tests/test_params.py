@@ -59,6 +59,19 @@ CASES = {
         changed(train__overrides={"vgg16": {"lrr": 0.1}}),
         "unknown key 'train.overrides.vgg16.lrr' in params.yaml; did you mean 'train.overrides.vgg16.lr'?",
     ),
+    "no override entry for a backbone": (
+        changed(train__overrides={"vgg16": {}, "vgg19": {}, "mobilenet": {}}),
+        "train.overrides has no entry for xception; add `xception: {}` under train.overrides (one entry per "
+        "backbone in backbones, empty for none)",
+    ),
+    "window": (
+        changed(data__window=[99, 1]),
+        "data.window=[99, 1] must be two percentiles [low, high] with 0 <= low < high <= 100",
+    ),
+    "high bit depth rule": (
+        changed(data__high_bit_depth="clip"),
+        "data.high_bit_depth='clip' is not one of: window, bit_depth, full_range",
+    ),
 }
 
 
@@ -81,7 +94,8 @@ def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path: Path) -> None:
 
 
 def test_per_backbone_override_applies_to_that_backbone_only() -> None:
-    params = validate(changed(train__overrides={"xception": {"lr": 0.0005, "early_stopping": {"patience": 2}}}))
+    overrides = {**DEFAULTS["train"]["overrides"], "xception": {"lr": 0.0005, "early_stopping": {"patience": 2}}}
+    params = validate(changed(train__overrides=overrides))
     assert train_params(params, "xception")["lr"] == 0.0005
     assert train_params(params, "xception")["early_stopping"] == {"monitor": "val_loss", "patience": 2}
     assert train_params(params, "vgg16")["lr"] == DEFAULTS["train"]["lr"]

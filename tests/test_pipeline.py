@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 from helpers import E2E_BACKBONES as BACKBONES
 from helpers import dvc, run, update_params
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, roc_auc_score
+
+from imgclf.io import read_csv
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +46,8 @@ def test_vgg16_learns_on_random_weights(trained: Path) -> None:
 def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
     folder = "plots/ensemble" if name == "ensemble" else f"plots/backbones/{name}"
     metrics = read(trained, "metrics/ensemble.json" if name == "ensemble" else f"metrics/backbones/{name}.json")
-    predictions = pd.read_csv(trained / folder / "predictions.csv")
-    test = pd.read_csv(trained / "data/split/test.csv")
+    predictions = read_csv(trained / folder / "predictions.csv")
+    test = read_csv(trained / "data/split/test.csv")
     assert list(predictions.path) == list(test.path) and list(predictions.actual) == list(test.label)
     probs = predictions[[c for c in predictions.columns if c.startswith("p_")]].to_numpy()
     classes = [c[2:] for c in predictions.columns if c.startswith("p_")]
@@ -60,12 +62,19 @@ def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
     for key, point in (("accuracy", metrics["accuracy"]), ("macro_f1", metrics["macro"]["f1"])):
         low, high = metrics["ci"][key]
         assert low <= point <= high
-    assert 0 <= metrics["roc_auc_ovr_macro"] <= 1
+    index = {c: i for i, c in enumerate(classes)}
+    auc = roc_auc_score(predictions.actual.map(index), probs / probs.sum(axis=1, keepdims=True), multi_class="ovr")
+    assert metrics["roc_auc_ovr_macro"] == pytest.approx(auc, abs=1e-6)
 
 
-def test_summary_has_every_backbone_and_the_ensemble(trained: Path) -> None:
+def test_summary_has_every_backbone_and_the_ensemble_and_picks_the_best_on_validation(trained: Path) -> None:
     summary = read(trained, "metrics/summary.json")
     assert set(summary["models"]) == {*BACKBONES, "ensemble"}
+    by_val = sorted(summary["models"].items(), key=lambda kv: (-kv[1]["val_accuracy"], kv[1]["val_loss"], kv[0]))
+    assert summary["best"] == by_val[0][0]
+    for name in BACKBONES:  # validation accuracy computed by evaluate = the restored epoch's in training
+        info = read(trained, f"models/{name}/info.json")
+        assert summary["models"][name]["val_accuracy"] == pytest.approx(info["best_val_accuracy"], abs=1e-6)
     table = (trained / "plots/compare/summary.md").read_text()
     for name in (*BACKBONES, "ensemble"):
         assert f"| {name} |" in table
@@ -77,8 +86,8 @@ def test_predict_reproduces_evaluate(trained: Path) -> None:
     for bb in BACKBONES:
         out = run([sys.executable, "-m", "imgclf", "predict", "--backbone", bb, "--out", "pred.csv", *inputs], trained)
         assert f"{len(test)} of {len(test)} images classified" in out.stderr
-        predicted = pd.read_csv(trained / "pred.csv")
-        evaluated = pd.read_csv(trained / f"plots/backbones/{bb}/predictions.csv")
+        predicted = read_csv(trained / "pred.csv")
+        evaluated = read_csv(trained / f"plots/backbones/{bb}/predictions.csv")
         assert list(predicted.predicted) == list(evaluated.predicted)
         columns = [c for c in evaluated.columns if c.startswith("p_")]
         np.testing.assert_allclose(predicted[columns].to_numpy(), evaluated[columns].to_numpy(), atol=2e-6)

@@ -49,12 +49,17 @@ def test_folder_with_a_corrupt_file_is_classified_and_the_failure_reported(train
 
 def test_ensemble_averages_the_backbones_and_works_from_outside_the_repo(trained, tmp_path, folder_with_a_corrupt_file):
     images = [str(p) for p in sorted(folder_with_a_corrupt_file.glob("*.png")) if p.name != "corrupt.png"]
-    models = str(trained / "models")
+    models = tmp_path / "models"
+    shutil.copytree(trained / "models", models)
+    shutil.copytree(models / "vgg16", models / "vgg19")  # a stale model left by a removed backbone
+    models = str(models)
     outputs = {}
     for name in [*E2E_BACKBONES, "ensemble"]:
         out = tmp_path / f"{name}.csv"
         result = predict(tmp_path, "--backbone", name, "--models-dir", models, "--out", str(out), *images)
         assert result.returncode == 0, result.stderr
+        if name == "ensemble":  # the pipeline's ensemble, not every folder found
+            assert f"classified with {' + '.join(E2E_BACKBONES)}" in result.stderr
         outputs[name] = pd.read_csv(out)[["p_hbar", "p_ring", "p_vbar"]].to_numpy()
     mean = np.mean([outputs[b] for b in E2E_BACKBONES], axis=0)
     np.testing.assert_allclose(outputs["ensemble"], mean, atol=2e-6)
@@ -68,8 +73,18 @@ def test_ensemble_averages_the_backbones_and_works_from_outside_the_repo(trained
         (["--backbone", "vgg16", "--models-dir", "nowhere", "images"], "no trained model in nowhere/vgg16"),
         (["--backbone", "vgg16", "no_such_folder"], "input 'no_such_folder' does not exist"),
         (["--backbone", "vgg16", "empty"], "no images found in empty"),
+        (["--backbone", "vgg16", "--batch-size", "0", "images"], "--batch-size=0 must be a positive number"),
+        (["--backbone", "ensemble", "--models-dir", "empty", "images"], "no ensemble record empty/ensemble.json"),
     ],
-    ids=["unknown backbone", "untrained backbone", "missing models dir", "missing input", "empty folder"],
+    ids=[
+        "unknown backbone",
+        "untrained backbone",
+        "missing models dir",
+        "missing input",
+        "empty folder",
+        "batch size 0",
+        "no ensemble record",
+    ],
 )
 def test_usage_errors_give_one_line_and_exit_2(trained, args, message):
     (trained / "empty").mkdir(exist_ok=True)

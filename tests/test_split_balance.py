@@ -10,6 +10,7 @@ from helpers import dvc, make_dataset, make_project, update_params
 
 from imgclf.data import balance_train, class_counts, resolve_conflicts, scan_folder, split_manifest
 from imgclf.errors import UserError
+from imgclf.io import read_csv
 
 COUNTS = {"a": 60, "b": 30, "c": 20}
 
@@ -81,16 +82,41 @@ def test_dvc_repro_data_stages_end_to_end(tmp_path: Path) -> None:
     project = make_project(tmp_path)
     make_dataset(project / "images", {"a": 20, "b": 12, "c": 8})
     (project / "images" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    update_params(project, {"data.root": "images"})
+    update_params(project, {"data.root": "images", "data.near_duplicates": "report"})  # shapes look alike
     result = dvc(project, "repro", "balance", "eda")
     assert "found 41 files: kept 40, skipped 1" in result.stderr + result.stdout
     manifest = pd.read_csv(project / "data/prepared/manifest.csv", keep_default_na=False)
     assert len(manifest) == 41
     balanced = pd.read_csv(project / "data/balanced/train.csv")
     assert len(set(class_counts(balanced).values())) == 1
-    test = pd.read_csv(project / "data/split/test.csv")
-    assert class_counts(test) != {}  # test keeps the true, imbalanced distribution
+    test = read_csv(project / "data/split/test.csv")
+    assert class_counts(test) == {"a": 3, "b": 2, "c": 1}  # 15% of 20/12/8 rounded: the true, imbalanced mix
     assert (project / "metrics/data.json").is_file()
     for name in ("class_counts.png", "class_pie.png", "samples.png", "class_counts.csv"):
         assert (project / "plots/eda" / name).stat().st_size > 0
     assert "Data and pipelines are up to date" in dvc(project, "status", "balance", "eda").stdout
+
+
+def test_a_file_in_both_validation_and_test_folders_is_kept_in_test_only(tmp_path: Path) -> None:
+    root = tmp_path / "mri"
+    make_dataset(root / "Training", {"glioma": 12, "notumor": 12})
+    make_dataset(root / "Validation", {"glioma": 4, "notumor": 4}, seed=1)
+    make_dataset(root / "Testing", {"glioma": 4, "notumor": 4}, seed=2)
+    twin = (root / "Testing" / "notumor" / "notumor_001.png").read_bytes()
+    (root / "Validation" / "notumor" / "twin.png").write_bytes(twin)
+    (root / "Training" / "notumor" / "twin.png").write_bytes(twin)
+    splits = split_manifest(scan_folder(root), val=0.2, test=0.2, seed=0, use_provided_splits=True)
+    where = {name: set(df.path) for name, df in splits.items()}
+    assert {"Validation/notumor/twin.png", "Training/notumor/twin.png"} <= where["test"]
+    assert not any("twin" in p for p in where["val"] | where["train"])
+    hashes = {name: set(df.sha256) for name, df in splits.items()}
+    assert not (hashes["val"] & hashes["test"] or hashes["train"] & hashes["test"] or hashes["train"] & hashes["val"])
+
+
+def test_a_class_in_validation_but_not_in_train_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "mri"
+    make_dataset(root / "Training", {"glioma": 12, "notumor": 12})
+    make_dataset(root / "Validation", {"glioma": 3, "notumor": 3, "pituitary": 3}, seed=1)
+    make_dataset(root / "Testing", {"glioma": 3, "notumor": 3}, seed=2)
+    with pytest.raises(UserError, match="class\\(es\\) 'pituitary' appear in val but not in train"):
+        split_manifest(scan_folder(root), val=0.2, test=0.2, seed=0)

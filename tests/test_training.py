@@ -9,7 +9,8 @@ import pandas as pd
 from helpers import make_dataset
 
 from imgclf.backbones import build_backbone, get_backbone
-from imgclf.model import backbone_of, build_attention_head, build_end_to_end, build_extractor
+from imgclf.extractor import backbone_of, build_extractor
+from imgclf.model import build_attention_head, build_end_to_end
 from imgclf.training import fine_tune
 
 

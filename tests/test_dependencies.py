@@ -1,0 +1,74 @@
+"""dvc.yaml's deps are exactly the code each stage runs: its script and every imgclf/ module it imports,
+directly or through other imgclf/ modules (imports inside functions included). A missing module means a
+code change that DVC would not rerun; an extra one reruns a stage (a backbone pass: an hour) for nothing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """imgclf modules a file imports anywhere in it: `import imgclf.x`, `from imgclf.x import y`,
+    `from imgclf import x` (a module or a name of imgclf/__init__.py)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name == "imgclf" or a.name.startswith("imgclf.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "imgclf":
+                found |= {f"imgclf.{a.name}" for a in node.names if (ROOT / "imgclf" / f"{a.name}.py").exists()}
+                found.add("imgclf")
+            elif node.module.startswith("imgclf."):
+                found.add(node.module)
+    return found
+
+
+def module_file(module: str) -> str:
+    parts = module.split(".")
+    return "imgclf/__init__.py" if parts == ["imgclf"] else "/".join(parts) + ".py"
+
+
+def code_files(script: str) -> set[str]:
+    """The script and every imgclf file it reaches through imports (importing a submodule runs __init__)."""
+    todo, seen = [script], {script}
+    while todo:
+        for module in imported_modules(ROOT / todo.pop()):
+            for file in (module_file(module), "imgclf/__init__.py"):
+                if file not in seen:
+                    seen.add(file)
+                    todo.append(file)
+    return seen
+
+
+def stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_deps_list_exactly_the_code_it_imports(name: str) -> None:
+    stage = stages()[name]
+    stage = stage.get("do", stage)
+    script = f"stages/{name}.py"
+    assert f"python -m stages.{name}" in stage["cmd"], "stages run as modules, so they import this checkout's code"
+    declared = {d for d in stage["deps"] if isinstance(d, str) and d.endswith(".py")}
+    actual = code_files(script)
+    assert not actual - declared, f"{name}: imported but not in deps: {sorted(actual - declared)}"
+    assert not declared - actual, f"{name}: in deps but never imported: {sorted(declared - actual)}"
+
+
+def test_the_import_scanner_sees_function_level_and_package_imports(tmp_path: Path) -> None:
+    source = tmp_path / "x.py"
+    source.write_text("import os\nfrom imgclf import io\n\ndef f():\n    from imgclf.model import load_model\n")
+    assert imported_modules(source) == {"imgclf", "imgclf.io", "imgclf.model"}
+
+
+def test_features_does_not_depend_on_the_data_folder_balancing_or_the_head() -> None:
+    deps = set(stages()["features"]["do"]["deps"])
+    assert "${data.root}" not in deps and "${balanced_csv}" not in deps and "imgclf/model.py" not in deps
+    assert "${split_dir}/images.csv" in deps and "${split_dir}/train.csv" not in deps  # not the split ratios

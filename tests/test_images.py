@@ -1,0 +1,74 @@
+"""Decoding real medical files: high bit depths keep their contrast, and near-copies are found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_dataset, shape_image
+from PIL import Image
+
+from imgclf.data import group_near_duplicates, near_duplicate_pairs, scan_folder, split_manifest
+from imgclf.images import ImageRecipe, load_image
+
+
+def twelve_bit_png(path: Path) -> np.ndarray:
+    """A 12-bit scan (values 0..4095, as many MRI/CT exports) stored as a 16-bit PNG: a gradient plus a disc."""
+    yy, xx = np.mgrid[:64, :64]
+    data = (xx * 4095 / 63 * 0.6).astype(np.uint16)
+    data[np.hypot(yy - 32, xx - 32) < 12] = 4095
+    Image.fromarray(data).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    return data
+
+
+@pytest.mark.parametrize(
+    ("rule", "brightest", "span"),
+    [("window", 255, 250), ("bit_depth", 255, 250), ("full_range", 16, 16)],
+)
+def test_a_12_bit_png_keeps_its_contrast(tmp_path: Path, rule: str, brightest: int, span: int) -> None:
+    raw = twelve_bit_png(tmp_path / "scan.png")
+    image = load_image(tmp_path / "scan.png", 64, ImageRecipe(high_bit_depth=rule))
+    assert raw.min() == 0 and raw.max() == 4095
+    assert image.max() == brightest and image.max() - image.min() >= span
+    # Order is kept: brighter in the scan is never darker on screen.
+    flat_raw, flat = raw.ravel(), image[..., 0].ravel()
+    order = np.argsort(flat_raw, kind="stable")
+    assert np.all(np.diff(flat[order]) >= 0)
+
+
+def test_window_ignores_a_few_hot_pixels(tmp_path: Path) -> None:
+    data = np.tile(np.linspace(1000, 2000, 64).astype(np.uint16), (64, 1))
+    data[0, :3] = 65535  # a few saturated pixels would squash everything else with a min-max rule
+    Image.fromarray(data).save(tmp_path / "hot.png")
+    image = load_image(tmp_path / "hot.png", 64)
+    assert image[32].min() <= 2 and image[32].max() >= 253
+
+
+def test_a_resized_re_encoded_copy_is_a_near_duplicate_and_another_image_is_not(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "d", {"a": 6, "b": 6}, size=64)
+    original = Image.open(root / "a" / "a_000.png").convert("RGB")
+    original.resize((48, 48), Image.Resampling.BILINEAR).save(root / "a" / "resized_copy.jpg", quality=85)
+    rng = np.random.default_rng(99)
+    Image.fromarray(shape_image(0, 64, rng)).save(root / "a" / "another_hbar.png")  # same class, other image
+    manifest = scan_folder(root)
+    pairs = near_duplicate_pairs(manifest, max_distance=4)
+    found = {frozenset((a, b)) for a, b in zip(pairs.path_a, pairs.path_b, strict=True)}
+    assert frozenset(("a/a_000.png", "a/resized_copy.jpg")) in found
+    assert not any("another_hbar.png" in pair for pair in found)
+
+    grouped = group_near_duplicates(manifest, pairs).set_index("path")
+    assert grouped.loc["a/resized_copy.jpg", "group"] == grouped.loc["a/a_000.png", "group"]
+    splits = split_manifest(grouped.reset_index(), val=0.2, test=0.2, seed=0)
+    home = {p: name for name, df in splits.items() for p in df.path}
+    assert home["a/resized_copy.jpg"] == home["a/a_000.png"]
+
+
+def test_a_file_that_no_longer_decodes_stops_features_with_one_line(tmp_path: Path) -> None:
+    from imgclf.errors import UserError
+    from imgclf.features import load_or_stop
+
+    Image.new("L", (40, 40)).save(tmp_path / "big.png")
+    with pytest.raises(UserError, match=r"big.png can no longer be read \(decompression bomb"):
+        load_or_stop(tmp_path / "big.png", 32, ImageRecipe(max_pixels=100))

@@ -1,0 +1,66 @@
+"""The folders people really have, through `dvc repro` end to end: class names that look like numbers,
+names with spaces and accents, two classes only, and the Training/Testing layout of public MRI sets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import TINY, dvc, make_dataset, make_project, run
+
+from imgclf.io import read_csv
+
+pytestmark = pytest.mark.slow
+
+SMALL = {**TINY, "backbones": ["vgg16"], "train.epochs": 3, "evaluate.bootstrap": 50}
+
+
+def read(project: Path, path: str) -> dict:
+    return json.loads((project / path).read_text())
+
+
+def test_numeric_class_names_stay_five_distinct_text_labels_in_the_training_testing_layout(tmp_path: Path) -> None:
+    classes = ["0", "1", "10", "7", "007"]  # all numeric: no text name to keep pandas from parsing them
+    project = make_project(tmp_path, SMALL)
+    make_dataset(project / "images" / "Training", dict.fromkeys(classes, 8), size=40, rgb=True)
+    make_dataset(project / "images" / "Testing", dict.fromkeys(classes, 3), size=40, rgb=True, seed=1)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "data"], project)
+
+    dvc(project, "repro")
+
+    expected = sorted(classes)  # text order: 0, 007, 1, 10, 7
+    assert read(project, "models/vgg16/info.json")["classes"] == expected
+    for metrics in ("metrics/backbones/vgg16.json", "metrics/ensemble.json"):
+        assert sorted(read(project, metrics)["per_class"]) == expected
+        assert all(v["support"] == 3 for v in read(project, metrics)["per_class"].values())
+    predictions = read_csv(project / "plots/backbones/vgg16/predictions.csv")
+    assert set(predictions.actual) == set(classes) and set(predictions.predicted) <= set(classes)
+    assert [c for c in predictions.columns if c.startswith("p_")] == [f"p_{c}" for c in expected]
+    test = read_csv(project / "data/split/test.csv")
+    assert set(test.provided_split) == {"test"} and len(test) == 15  # Testing/ is the test split, as provided
+    assert read(project, "models/ensemble.json")["backbones"] == ["vgg16"]
+
+    out = run(
+        [sys.executable, "-m", "imgclf", "predict", "--backbone", "ensemble", "images/Testing/007"], project
+    ).stdout
+    assert out.splitlines()[0] == "path,predicted,p_0,p_007,p_1,p_10,p_7,error"
+
+
+def test_two_classes_with_spaces_and_accents(tmp_path: Path) -> None:
+    project = make_project(tmp_path, SMALL)
+    make_dataset(project / "images", {"sac à main": 14, "chemise é": 14}, size=40, rgb=True)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "data"], project)
+
+    dvc(project, "repro")
+
+    metrics = read(project, "metrics/backbones/vgg16.json")
+    assert sorted(metrics["per_class"]) == ["chemise é", "sac à main"]
+    assert metrics["roc_auc_ovr_macro"] is not None  # the binary case: AUC of the positive class
+    assert metrics["accuracy"] >= 0.75  # bars against vertical bars: random VGG features separate them
+    summary = read(project, "metrics/summary.json")
+    assert summary["best"] in {"vgg16", "ensemble"}
+    assert "Data and pipelines are up to date" in dvc(project, "status").stdout
