@@ -87,7 +87,9 @@ def _walk_files(root: Path) -> list[Path]:
 def detect_layout(root: Path) -> bool:
     """True when root holds provided split folders (Training/Testing, train/val/test...): every sub-folder is
     one, and a test or validation folder is among them (a class folder named `train` alone is a class)."""
-    subdirs = [d.name.lower() for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    subdirs = [
+        d.name.lower() for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"
+    ]
     return (
         bool(subdirs)
         and all(name in SPLIT_FOLDERS for name in subdirs)
@@ -337,6 +339,11 @@ def split_manifest(
             )
         order = rng.permutation(len(groups))
         counts = _allocate(len(groups), fractions)
+        if counts["train"] < 1:
+            raise UserError(
+                f"class {label!r} has {len(groups)} unique image(s): split.val={val} and split.test={test} leave "
+                "none for training; add images or lower the ratios"
+            )
         start = 0
         for name in ("test", "val", "train"):
             if name not in counts:

@@ -44,6 +44,11 @@ def build_extractor(backbone_model: keras.Model, backbone: str, image_size: int,
     return keras.Model(image, features, name=f"{backbone}_extractor")
 
 
+def load_extractor(path: str) -> keras.Model:
+    """Load an extractor saved by features@<bb> (extractor.keras), without the head's code."""
+    return keras.saving.load_model(path, compile=False, custom_objects={"Preprocess": Preprocess})
+
+
 def backbone_of(extractor: keras.Model) -> keras.Model:
     """The backbone model nested in an extractor (or in an end-to-end model's extractor)."""
     nested = [layer for layer in extractor.layers if isinstance(layer, keras.Model)]

@@ -11,7 +11,7 @@ stage's log line and the run log carry the timing), so an identical rerun gives 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,10 @@ FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
 INFO_FILE = "info.json"
 EXTRACTOR_FILE = "extractor.keras"  # the exact backbone that made these features, reused by train
+
+
+# (index of the image in the list, image (S, S, 3) 0..255) -> transformed image; used to make augmented variants
+Transform = Callable[[int, np.ndarray], np.ndarray]
 
 
 def unique_images(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -51,19 +55,27 @@ def load_or_stop(path: Path, image_size: int, recipe: ImageRecipe) -> np.ndarray
 
 
 def batches(
-    paths: list[Path], image_size: int, batch_size: int, recipe: ImageRecipe = DEFAULT_RECIPE
+    paths: list[Path],
+    image_size: int,
+    batch_size: int,
+    recipe: ImageRecipe = DEFAULT_RECIPE,
+    transform: Transform | None = None,
 ) -> Iterator[np.ndarray]:
-    """Decoded, resized image batches (B, S, S, 3) float32 0..255; the next batch loads in the background."""
+    """Decoded, resized (and, with `transform`, transformed) image batches (B, S, S, 3) float32 0..255;
+    the next batch loads in the background."""
 
-    def load(chunk: list[Path]) -> np.ndarray:
-        return np.stack([load_or_stop(p, image_size, recipe) for p in chunk])
+    def load(start: int) -> np.ndarray:
+        images = [load_or_stop(p, image_size, recipe) for p in paths[start : start + batch_size]]
+        if transform is not None:
+            images = [transform(start + i, image) for i, image in enumerate(images)]
+        return np.stack(images)
 
-    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    starts = list(range(0, len(paths), batch_size))
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
+        pending = pool.submit(load, starts[0]) if starts else None
+        for i in range(len(starts)):
             batch = pending.result()  # type: ignore[union-attr]
-            pending = pool.submit(load, chunks[i + 1]) if i + 1 < len(chunks) else None
+            pending = pool.submit(load, starts[i + 1]) if i + 1 < len(starts) else None
             yield batch
 
 
@@ -74,10 +86,11 @@ def iter_features(
     batch_size: int,
     recipe: ImageRecipe = DEFAULT_RECIPE,
     desc: str = "features",
+    transform: Transform | None = None,
 ) -> Iterator[np.ndarray]:
     """The extractor's outputs (B, h, w, C) float32 for `paths`, batch by batch, with progress reports."""
     with Progress(len(paths), desc) as progress:
-        for batch in batches(paths, image_size, batch_size, recipe):
+        for batch in batches(paths, image_size, batch_size, recipe, transform):
             features = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
             progress.update(len(batch))
             yield features
@@ -92,12 +105,16 @@ def compute_features(
     batch_size: int,
     info: dict[str, Any],
     recipe: ImageRecipe = DEFAULT_RECIPE,
+    transform: Transform | None = None,
+    desc: str | None = None,
+    save_extractor: bool = True,
 ) -> dict[str, Any]:
     """Write features.npy (N, h, w, C) float32, index.csv (sha256, path, row), info.json and the
     extractor itself (extractor.keras: the end-to-end model must use the very backbone that made the
     features, which matters with random init) into out_dir.
 
-    The directory appears complete or not at all (built under a temporary name, then moved).
+    The directory appears complete or not at all (built under a temporary name, then moved). With
+    `transform`, image i is transformed after loading (augmented variants; see augment.py).
     """
     shape = tuple(int(d) for d in extractor.output.shape[1:])
     paths = [Path(root) / p for p in images.path]
@@ -108,12 +125,21 @@ def compute_features(
         with open(tmp / FEATURES_FILE, "wb") as f:
             header = {"descr": "<f4", "fortran_order": False, "shape": (len(paths), *shape)}
             np.lib.format.write_array_header_1_0(f, header)
-            for features in iter_features(
-                extractor, paths, image_size, batch_size, recipe, f"features@{info.get('backbone', '')}"
-            ):
+            desc = desc or f"features@{info.get('backbone', '')}"
+            for features in iter_features(extractor, paths, image_size, batch_size, recipe, desc, transform):
                 f.write(np.ascontiguousarray(features, dtype="<f4").tobytes())
         write_csv(images.assign(row=np.arange(len(images))), tmp / INDEX_FILE)
         info = {**info, "feature_shape": list(shape), "images": len(paths), "image_recipe": recipe.to_dict()}
         write_json(tmp / INFO_FILE, info)
-        save_keras(extractor, tmp / EXTRACTOR_FILE)
+        if save_extractor:
+            save_keras(extractor, tmp / EXTRACTOR_FILE)
     return info
+
+
+def write_empty_features(out_dir: str | Path, feature_shape: list[int], info: dict[str, Any]) -> None:
+    """A features directory with no rows (features.npy of shape (0, h, w, C)), e.g. augmentation switched off."""
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        np.save(tmp / FEATURES_FILE, np.zeros((0, *feature_shape), dtype="<f4"))
+        write_csv(pd.DataFrame(columns=["sha256", "path", "variant", "row"]), tmp / INDEX_FILE)
+        write_json(tmp / INFO_FILE, {**info, "feature_shape": list(feature_shape), "images": 0})

@@ -43,7 +43,8 @@ CHATTER = re.compile(
 # chatter to the real stderr. A child, not a thread: it drains to the end even when this process dies
 # (an abort, a fatal signal), so the last lines, often the important ones, are never lost.
 FILTER_CODE = r"""
-import os, re, sys
+import os, re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the stage; the filter drains what it printed
 chatter = re.compile(sys.argv[1].encode("latin-1"))
 pending = b""
 def forward(data):

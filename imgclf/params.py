@@ -48,6 +48,15 @@ SCHEMA: dict[str, Any] = {
     "split": {"val": "fraction", "test": "fraction"},
     "balance": {"method": ("none", "random_over")},
     "backbones": "backbones",
+    "augment": {
+        "copies": "nonnegint",
+        "flip": "bool",
+        "rotation": "nonnegfloat",
+        "zoom": "nonnegfloat",
+        "translation": "nonnegfloat",
+        "brightness": "nonnegfloat",
+        "contrast": "nonnegfloat",
+    },
     "features": {
         "weights": "str",
         "image_size": "posint",
@@ -212,6 +221,16 @@ def _check_cross(params: dict[str, Any]) -> None:
             f"train.overrides has no entry for {', '.join(missing)}; add `{missing[0]}: {{}}` under train.overrides "
             "(one entry per backbone in backbones, empty for none)"
         )
+    augment = params["augment"]
+    for key, limit, meaning in (
+        ("rotation", 180, "degrees either way"),
+        ("zoom", 0.9, "a fraction of the size"),
+        ("translation", 0.5, "a fraction of the side"),
+        ("brightness", 1, "a fraction of the full range"),
+        ("contrast", 1, "a fraction of the contrast"),
+    ):
+        if augment[key] > limit:
+            raise UserError(f"augment.{key}={augment[key]} is too strong: at most {limit} ({meaning}); 0 turns it off")
     split = params["split"]
     if split["val"] + split["test"] >= 1:
         raise UserError(

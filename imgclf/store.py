@@ -64,3 +64,31 @@ class FeatureStore:
             count += len(block)
         mean = total / count
         return mean, np.maximum(total_sq / count - mean**2, 0.0)
+
+
+class VariantStore:
+    """The cached features of augmented training variants (augment@<bb>): rows by (sha256, variant k)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not all((self.directory / n).is_file() for n in (FEATURES_FILE, INDEX_FILE, INFO_FILE)):
+            raise UserError(
+                f"no augmented features in {self.directory}; run `dvc repro augment@{self.directory.name}` first"
+            )
+        self.info = read_json(self.directory / INFO_FILE)
+        self.copies = int(self.info["copies"])
+        self.array = np.load(self.directory / FEATURES_FILE, mmap_mode="r")  # (N * copies, h, w, C)
+        index = read_csv(self.directory / INDEX_FILE)
+        self.row_of = {(s, int(k)): int(r) for s, k, r in zip(index.sha256, index.variant, index.row, strict=True)}
+
+    def take(self, frame: pd.DataFrame) -> np.ndarray:
+        """The `copies` variants of each row of `frame` (row by row, variants 1..copies): (len(frame) * copies,
+        h, w, C). Oversampled repeats of an image repeat its variants."""
+        keys = [(s, k) for s in frame.sha256 for k in range(1, self.copies + 1)]
+        missing = [key for key in keys if key not in self.row_of]
+        if missing:
+            raise UserError(
+                f"{len(missing)} augmented variant(s) missing in {self.directory} (e.g. {missing[0]}); "
+                f"run `dvc repro augment@{self.directory.name}`"
+            )
+        return np.asarray(self.array[np.array([self.row_of[key] for key in keys], dtype=np.int64)])

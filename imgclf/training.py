@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from imgclf.augment import AugmentParams, random_transform
 from imgclf.features import load_or_stop
 from imgclf.images import DEFAULT_RECIPE, ImageRecipe
 from imgclf.logs import log
@@ -116,11 +117,14 @@ class ImageBatches(keras.utils.PyDataset):
         batch_size: int,
         shuffle_seed: int | None = None,
         recipe: ImageRecipe = DEFAULT_RECIPE,
+        augment: AugmentParams | None = None,
     ) -> None:
         super().__init__()
-        self.paths, self.labels, self.recipe = paths, labels, recipe
+        self.paths, self.labels, self.recipe, self.augment = paths, labels, recipe, augment
+        self.epoch = 0
         self.image_size, self.batch_size = image_size, batch_size
         self.order = np.arange(len(paths))
+        self.seed = shuffle_seed or 0
         self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
         self.on_epoch_end()
 
@@ -129,10 +133,14 @@ class ImageBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack([load_or_stop(self.paths[i], self.image_size, self.recipe) for i in rows])
-        return images, self.labels[rows]
+        images = [load_or_stop(self.paths[i], self.image_size, self.recipe) for i in rows]
+        if self.augment is not None:  # live: a new random variant of every image in every epoch, seeded
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            images = [random_transform(image, rng, self.augment) for image in images]
+        return np.stack(images), self.labels[rows]
 
     def on_epoch_end(self) -> None:
+        self.epoch += 1
         if self.rng is not None:
             self.order = self.rng.permutation(len(self.paths))
 
@@ -162,21 +170,24 @@ def fine_tune(
     seed: int,
     callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
     recipe: ImageRecipe = DEFAULT_RECIPE,
+    augment: AugmentParams | None = None,
 ) -> dict[str, Any]:
-    """Train end to end on images with a tiny learning rate, the top `params['layers']` backbone layers unfrozen."""
+    """Train end to end on images with a tiny learning rate, the top `params['layers']` backbone layers unfrozen.
+    With `augment`, the training images get the same random transforms as the offline variants, live (the
+    backbone runs every epoch here anyway); validation images never do."""
     unfrozen = unfreeze_top(backbone, params["layers"])
     compile_model(full, params["lr"])
     index = {c: i for i, c in enumerate(classes)}
 
-    def data(frame: pd.DataFrame, shuffle_seed: int | None) -> ImageBatches:
+    def data(frame: pd.DataFrame, shuffle_seed: int | None, live: AugmentParams | None) -> ImageBatches:
         paths = [Path(root) / p for p in frame.path]
         labels = frame.label.map(index).to_numpy()
-        return ImageBatches(paths, labels, image_size, params["batch_size"], shuffle_seed, recipe)
+        return ImageBatches(paths, labels, image_size, params["batch_size"], shuffle_seed, recipe, live)
 
     start = time.perf_counter()
     history = full.fit(
-        data(train, seed),
-        validation_data=data(val, None),
+        data(train, seed, augment),
+        validation_data=data(val, None, None),
         epochs=params["epochs"],
         callbacks=list(callbacks),
         verbose=0,

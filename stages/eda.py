@@ -1,6 +1,6 @@
 """eda: class count plot, pie chart and a grid of sample images per class, from the manifest.
 
-python -m stages.eda --manifest data/prepared/manifest.csv --out-dir plots/eda
+python -m stages.eda --manifest data/prepared/manifest.csv --train data/split/train.csv --out-dir plots/eda
 """
 
 import argparse
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from imgclf.augment import AugmentParams, augment_preview
 from imgclf.data import class_counts
 from imgclf.errors import stage_main
 from imgclf.images import ImageRecipe
@@ -36,6 +37,16 @@ def main() -> None:
         args.out_dir / "samples.png",
         per_class=params["eda"]["samples_per_class"],
         seed=params["base"]["seed"],
+        image_size=params["features"]["image_size"],
+        recipe=ImageRecipe.from_params(params["data"]),
+    )
+    augment_preview(
+        kept,
+        params["data"]["root"],
+        args.out_dir / "augmented.png",
+        AugmentParams.from_params(params["augment"]),
+        seed=params["base"]["seed"],
+        image_size=params["features"]["image_size"],
         recipe=ImageRecipe.from_params(params["data"]),
     )
 

@@ -1,13 +1,19 @@
 """train@<backbone>: fit the attention head on cached features (then, opt-in, fine-tune on images).
 
-    python -m stages.train vgg16 --features data/features/vgg16 --split-dir data/split \
-        --train data/balanced/train.csv --model-dir models/vgg16 --live-dir dvclive/train/vgg16 \
-        --plot plots/backbones/vgg16/history.png
+    python -m stages.train vgg16 --features data/features/vgg16 --augmented data/augmented/vgg16 \
+        --split-dir data/split --train data/balanced/train.csv --model-dir models/vgg16 \
+        --live-dir dvclive/train/vgg16 --plot plots/backbones/vgg16/history.png
+
+The training set is the balanced list's features plus, with augment.copies > 0, the cached features of every
+row's variants: each class keeps its balanced share, (1 + copies) rows per balanced row.
 """
 
 import argparse
 from pathlib import Path
 
+import numpy as np
+
+from imgclf.augment import AugmentParams
 from imgclf.backbones import get_backbone
 from imgclf.errors import log, stage_main
 from imgclf.images import ImageRecipe
@@ -20,7 +26,7 @@ from imgclf.repro import seed_everything
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone")
-    for name in ("--features", "--split-dir", "--train", "--model-dir", "--live-dir", "--plot"):
+    for name in ("--features", "--augmented", "--split-dir", "--train", "--model-dir", "--live-dir", "--plot"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args()
     params = load_params()
@@ -32,7 +38,7 @@ def main() -> None:
     from imgclf.extractor import backbone_of
     from imgclf.model import build_attention_head, build_end_to_end, count_params
     from imgclf.plots import history_plot
-    from imgclf.store import FeatureStore
+    from imgclf.store import FeatureStore, VariantStore
     from imgclf.training import LiveLogger, fine_tune, fit_head, open_live
 
     store = FeatureStore(args.features)
@@ -61,12 +67,26 @@ def main() -> None:
         feature_variance=variance,
     )
     y_train, y_val = train.label.map(index).to_numpy(), val.label.map(index).to_numpy()
+    variants = VariantStore(args.augmented)
+    n, copies = len(train), variants.copies
+    # One array, filled in blocks: memory is the training set itself, with no second copy at the peak.
+    x_train = np.empty((n * (1 + copies), *store.feature_shape), dtype=np.float32)  # (N (1 + copies), h, w, C)
+    for i in range(0, n, 1024):
+        block = train.iloc[i : i + 1024]
+        x_train[i : i + len(block)] = store.take(block)
+        if copies:  # the variants 1..copies of balanced row j sit at n + j * copies ...
+            x_train[n + i * copies : n + (i + len(block)) * copies] = variants.take(block)
+    if copies:
+        y_train = np.concatenate([y_train, np.repeat(y_train, copies)])
+        log.info("train@%s: %d balanced rows + %d augmented variants", backbone.name, n, n * copies)
+    # Fine-tuning transforms live with the strengths the variants were made with (recorded by augment@).
+    augment = AugmentParams.from_params(variants.info["augment"]) if copies else None
     recipe = ImageRecipe.from_params(params["data"])
     features_info = store.info
     image_size = features_info["image_size"]
     desc = f"train@{backbone.name}"
     with atomic_path(args.live_dir) as live_tmp, open_live(live_tmp) as live:
-        result = fit_head(head, store.take(train), y_train, store.take(val), y_val, tp, [LiveLogger(live, desc)])
+        result = fit_head(head, x_train, y_train, store.take(val), y_val, tp, [LiveLogger(live, desc)])
         history = result["history"]
         extractor = store.extractor()
         full = build_end_to_end(extractor, head, name=f"{backbone.name}_classifier")
@@ -84,6 +104,7 @@ def main() -> None:
                 seed=seed,
                 callbacks=[LiveLogger(live, f"{desc} fine-tune")],
                 recipe=recipe,
+                augment=augment,
             )
             history = {k: history[k] + fine["history"][k] for k in history}
 
@@ -96,6 +117,7 @@ def main() -> None:
         "image_size": image_size,
         "preprocessing": features_info["preprocessing"],
         "image_recipe": recipe.to_dict(),
+        "augment": variants.info["augment"] if variants.copies else None,
         "weights": features_info["weights"],
         "weights_sha256": features_info.get("weights_sha256"),
         "fine_tuned": fine is not None,

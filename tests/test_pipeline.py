@@ -80,13 +80,14 @@ def test_summary_has_every_backbone_and_the_ensemble_and_picks_the_best_on_valid
         assert f"| {name} |" in table
 
 
-def test_predict_reproduces_evaluate(trained: Path) -> None:
-    test = pd.read_csv(trained / "data/split/test.csv")
+def test_predict_reproduces_evaluate(trained: Path, tmp_path: Path) -> None:
+    test = read_csv(trained / "data/split/test.csv")
     inputs = [str(Path("images") / p) for p in test.path]
+    pred = tmp_path / "pred.csv"  # not in the shared project: its git tree must stay clean for other tests
     for bb in BACKBONES:
-        out = run([sys.executable, "-m", "imgclf", "predict", "--backbone", bb, "--out", "pred.csv", *inputs], trained)
+        out = run([sys.executable, "-m", "imgclf", "predict", "--backbone", bb, "--out", str(pred), *inputs], trained)
         assert f"{len(test)} of {len(test)} images classified" in out.stderr
-        predicted = read_csv(trained / "pred.csv")
+        predicted = read_csv(pred)
         evaluated = read_csv(trained / f"plots/backbones/{bb}/predictions.csv")
         assert list(predicted.predicted) == list(evaluated.predicted)
         columns = [c for c in evaluated.columns if c.startswith("p_")]

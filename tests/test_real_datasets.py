@@ -49,16 +49,30 @@ def test_numeric_class_names_stay_five_distinct_text_labels_in_the_training_test
     assert out.splitlines()[0] == "path,predicted,p_0,p_007,p_1,p_10,p_7,error"
 
 
-def test_two_classes_with_spaces_and_accents(tmp_path: Path) -> None:
-    project = make_project(tmp_path, SMALL)
+def test_two_classes_with_spaces_and_accents_and_two_augmented_copies(tmp_path: Path) -> None:
+    project = make_project(tmp_path, {**SMALL, "augment.copies": 2})
     make_dataset(project / "images", {"sac à main": 14, "chemise é": 14}, size=40, rgb=True)
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "data"], project)
 
-    dvc(project, "repro")
+    result = dvc(project, "repro")
 
     metrics = read(project, "metrics/backbones/vgg16.json")
     assert sorted(metrics["per_class"]) == ["chemise é", "sac à main"]
+    # Augmentation: two variants of every unique training image, none of validation or test.
+    splits = {name: read_csv(project / f"data/split/{name}.csv") for name in ("train", "val", "test")}
+    variants = read_csv(project / "data/augmented/vgg16/index.csv")
+    train_hashes = set(splits["train"].sha256)
+    assert len(variants) == 2 * len(train_hashes) and set(variants.variant) == {1, 2}
+    assert set(variants.sha256) == train_hashes
+    assert not set(variants.sha256) & (set(splits["val"].sha256) | set(splits["test"].sha256))
+    n_unique = len(train_hashes) + len(set(splits["val"].sha256)) + len(set(splits["test"].sha256))
+    assert f"augment@vgg16: {2 * len(train_hashes)} backbone passes ({len(train_hashes)} unique training" in (
+        result.stderr
+    )
+    assert f"{n_unique + 2 * len(train_hashes)} in all = {len(train_hashes)} x (1 + 2)" in result.stderr
+    assert (project / "plots/eda/augmented.png").stat().st_size > 1000
+    assert read(project, "models/vgg16/info.json")["augment"]["copies"] == 2
     assert metrics["roc_auc_ovr_macro"] is not None  # the binary case: AUC of the positive class
     assert metrics["accuracy"] >= 0.75  # bars against vertical bars: random VGG features separate them
     summary = read(project, "metrics/summary.json")

@@ -72,6 +72,11 @@ def test_unrelated_changes_rerun_only_what_reads_them(copy_of: Path) -> None:
     status = dvc(copy_of, "status").stdout
     assert "train@mobilenet" in status and "train@vgg16" not in status and "features@mobilenet" not in status
 
+    update_params(copy_of, {"split.val": 0.3})  # other images in each split, the same images in all
+    assert "Running stage 'split'" in dvc(copy_of, "repro", "--single-item", "split").stdout
+    status = dvc(copy_of, "status").stdout
+    assert "features@" not in status and "augment@vgg16" in status  # only the training variants are stale
+
 
 def test_the_checkouts_own_code_runs_whatever_else_is_importable(tmp_path: Path) -> None:
     """Two clones, one environment: `imgclf` importable from the first (as `pip install -e` does), a change in
