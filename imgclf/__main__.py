@@ -1,4 +1,5 @@
-"""Command line: `python -m imgclf predict ...` (also installed as `imgclf predict ...`).
+"""Command line: `python -m imgclf predict ...` and `python -m imgclf render-plots ...` (also installed as
+`imgclf ...`).
 
 Exit codes: 0 every image classified; 3 some images could not be read (they get a row with the
 error and no label); 2 a usage problem (no such model, unknown backbone, no input).
@@ -55,6 +56,16 @@ def predict_command(args: argparse.Namespace) -> int:
     return SOME_FAILED_EXIT if failed else 0
 
 
+def render_command(args: argparse.Namespace) -> int:
+    from imgclf.render import render_plots
+
+    written = render_plots(args.out, args.format, args.revisions)
+    print(f"render-plots: {len(written)} charts written to {args.out}", file=sys.stderr)
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description="imgclf: classify images with trained models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", help="write the CSV here instead of stdout")
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (memory)")
     predict.set_defaults(func=predict_command)
+    render = sub.add_parser(
+        "render-plots",
+        help="render the DVC charts to PNG or SVG, offline (vl-convert)",
+        description="Render every chart of `dvc plots show` (or of `dvc plots diff REV...`) to PNG or SVG.",
+    )
+    render.add_argument("revisions", nargs="*", help="revisions to compare (dvc plots diff); none: the workspace")
+    render.add_argument("--out", default="rendered_plots", help="output folder (default: rendered_plots)")
+    render.add_argument("--format", default="png", help="png | svg")
+    render.set_defaults(func=render_command)
     return parser
 
 

@@ -108,6 +108,23 @@ def compute_metrics(
     return metrics
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers tracked as DVC metrics, eight per model, so that `dvc exp show` and `dvc metrics diff` stay
+    readable: accuracy and macro F1 with their bootstrap interval, ROC AUC, log loss. Everything else
+    (per class, weighted, macro precision and recall, the interval's level) is in report.json beside it."""
+    ci = metrics["ci"]
+    return {
+        "accuracy": metrics["accuracy"],
+        "accuracy_low": ci["accuracy"][0],
+        "accuracy_high": ci["accuracy"][1],
+        "macro_f1": metrics["macro"]["f1"],
+        "macro_f1_low": ci["macro_f1"][0],
+        "macro_f1_high": ci["macro_f1"][1],
+        "roc_auc": metrics["roc_auc_ovr_macro"],
+        "loss": metrics["loss"],
+    }
+
+
 def evaluate_and_write(
     name: str,
     paths: list[str],
@@ -120,12 +137,14 @@ def evaluate_and_write(
     confidence: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Write metrics JSON, predictions.csv, classification_report.txt and confusion.png for one model."""
+    """Write the headline metrics JSON (a DVC metric), and in plot_dir report.json (every number),
+    predictions.csv, classification_report.txt and confusion.png for one model. Returns every number."""
     from imgclf.plots import confusion_heatmap
 
     plot_dir = Path(plot_dir)
     metrics = compute_metrics(actual, probs, classes, n_bootstrap, confidence, seed)
-    write_json(metrics_path, metrics)
+    write_json(metrics_path, headline(metrics))
+    write_json(plot_dir / "report.json", metrics)
     predictions = write_predictions(plot_dir / "predictions.csv", paths, actual, probs, classes)
     report = classification_report(actual, predictions.predicted, labels=classes, digits=4, zero_division=0)
     write_text(plot_dir / "classification_report.txt", f"{name} on the test split ({len(actual)} images)\n\n{report}")

@@ -1,7 +1,7 @@
 """compare: all backbones side by side, plus their soft-voting ensemble evaluated like a backbone.
 
-    python -m stages.compare --metrics-dir metrics/backbones --plots-dir plots/backbones \
-        --summary metrics/summary.json --ensemble-metrics metrics/ensemble.json --ensemble-dir plots/ensemble \
+    python -m stages.compare --plots-dir plots/backbones \
+        --summary plots/compare/summary.json --ensemble-metrics metrics/ensemble.json --ensemble-dir plots/ensemble \
         --ensemble-record models/ensemble.json --out-dir plots/compare
 
 The backbones are those in params.yaml (a folder left over from a removed backbone is ignored). The best
@@ -25,7 +25,7 @@ from imgclf.plots import comparison_plot
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in (
-        "--metrics-dir", "--plots-dir", "--summary", "--ensemble-metrics", "--ensemble-dir", "--ensemble-record",
+        "--plots-dir", "--summary", "--ensemble-metrics", "--ensemble-dir", "--ensemble-record",
         "--out-dir",
     ):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
@@ -34,7 +34,7 @@ def main() -> None:
     evaluate = params["evaluate"]
     backbones = params["backbones"]
 
-    missing = [bb for bb in backbones if not (args.metrics_dir / f"{bb}.json").is_file()]
+    missing = [bb for bb in backbones if not (args.plots_dir / bb / "report.json").is_file()]
     if missing:
         raise UserError(f"no evaluation for {', '.join(missing)}; run `dvc repro` (compare needs evaluate@<backbone>)")
     val, val_classes, val_probs = ensemble_probabilities(
@@ -52,7 +52,7 @@ def main() -> None:
             "params_total": model["model_params"]["total"],
             "params_trainable": model["model_params"]["trainable"],
         }
-        rows.append(summary_row(bb, read_json(args.metrics_dir / f"{bb}.json"), extra))
+        rows.append(summary_row(bb, read_json(args.plots_dir / bb / "report.json"), extra))
     name = "ensemble (" + " + ".join(backbones) + ")"
     write_predictions(args.ensemble_dir / "val_predictions.csv", list(val.path), list(val.actual), val_probs, classes)
     ensemble = evaluate_and_write(

@@ -89,6 +89,10 @@ def make_project(tmp_path: Path, params_update: dict[str, Any] | None = None) ->
     run(["git", "config", "user.name", "imgclf tests"], project)
     run([sys.executable, "-m", "dvc", "init", "-q"], project)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], project)
+    # The offline plots page and the legible chart template, configured as in this repository.
+    shutil.copy2(ROOT / ".dvc" / "plots_template.html", project / ".dvc" / "plots_template.html")
+    shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")
+    run([sys.executable, "-m", "dvc", "config", "plots.html_template", "plots_template.html"], project)
     if params_update:
         update_params(project, params_update)
     run(["git", "add", "-A"], project)

@@ -33,9 +33,9 @@ def test_numeric_class_names_stay_five_distinct_text_labels_in_the_training_test
 
     expected = sorted(classes)  # text order: 0, 007, 1, 10, 7
     assert read(project, "models/vgg16/info.json")["classes"] == expected
-    for metrics in ("metrics/backbones/vgg16.json", "metrics/ensemble.json"):
-        assert sorted(read(project, metrics)["per_class"]) == expected
-        assert all(v["support"] == 3 for v in read(project, metrics)["per_class"].values())
+    for report in ("plots/backbones/vgg16/report.json", "plots/ensemble/report.json"):
+        assert sorted(read(project, report)["per_class"]) == expected
+        assert all(v["support"] == 3 for v in read(project, report)["per_class"].values())
     predictions = read_csv(project / "plots/backbones/vgg16/predictions.csv")
     assert set(predictions.actual) == set(classes) and set(predictions.predicted) <= set(classes)
     assert [c for c in predictions.columns if c.startswith("p_")] == [f"p_{c}" for c in expected]
@@ -57,7 +57,7 @@ def test_two_classes_with_spaces_and_accents_and_two_augmented_copies(tmp_path: 
 
     result = dvc(project, "repro")
 
-    metrics = read(project, "metrics/backbones/vgg16.json")
+    metrics = read(project, "plots/backbones/vgg16/report.json")
     assert sorted(metrics["per_class"]) == ["chemise é", "sac à main"]
     # Augmentation: two variants of every unique training image, none of validation or test.
     splits = {name: read_csv(project / f"data/split/{name}.csv") for name in ("train", "val", "test")}
@@ -75,6 +75,6 @@ def test_two_classes_with_spaces_and_accents_and_two_augmented_copies(tmp_path: 
     assert read(project, "models/vgg16/info.json")["augment"]["copies"] == 2
     assert metrics["roc_auc_ovr_macro"] is not None  # the binary case: AUC of the positive class
     assert metrics["accuracy"] >= 0.75  # bars against vertical bars: random VGG features separate them
-    summary = read(project, "metrics/summary.json")
+    summary = read(project, "plots/compare/summary.json")
     assert summary["best"] in {"vgg16", "ensemble"}
     assert "Data and pipelines are up to date" in dvc(project, "status").stdout

@@ -28,7 +28,7 @@ from helpers import (
 
 pytestmark = pytest.mark.slow
 
-METRICS = ["metrics/prepare.json", "metrics/data.json", "metrics/ensemble.json", "metrics/summary.json"] + [
+METRICS = ["metrics/prepare.json", "metrics/data.json", "metrics/ensemble.json", "plots/compare/summary.json"] + [
     f"metrics/backbones/{bb}.json" for bb in TINY["backbones"]
 ]
 
@@ -156,7 +156,7 @@ def test_hostile_folder_runs_through_the_whole_pipeline(tmp_path: Path) -> None:
     hashes = {s: set(df.sha256) for s, df in splits.items()}
     assert not (hashes["train"] & hashes["val"] or hashes["train"] & hashes["test"] or hashes["val"] & hashes["test"])
     assert sum(len(df) for df in splits.values()) == kept
-    assert (project / "metrics/backbones/vgg16.json").is_file() and (project / "metrics/summary.json").is_file()
+    assert (project / "metrics/backbones/vgg16.json").is_file() and (project / "plots/compare/summary.json").is_file()
 
 
 def test_missing_data_root_stops_with_its_path(tmp_path: Path) -> None:
