@@ -33,16 +33,16 @@ def main() -> None:
     params = load_params()
     seed = params["base"]["seed"]
     augment = AugmentParams.from_params(params["augment"])
+    features_info = read_json(args.features / INFO_FILE)
+    if augment.copies == 0:  # nothing to compute (and no TensorFlow to start): an empty set, whatever the strengths
+        write_empty_features(args.out_dir, features_info["feature_shape"], {"backbone": args.backbone, "copies": 0})
+        log.info("augment@%s: augment.copies is 0, no variants", args.backbone)
+        return
     seed_everything(seed)
 
     from imgclf.extractor import load_extractor
 
-    features_info = read_json(args.features / INFO_FILE)
     train = unique_images([read_csv(args.train)])
-    if augment.copies == 0:  # nothing to compute: an empty set, whose bytes do not depend on the strengths
-        write_empty_features(args.out_dir, features_info["feature_shape"], {"backbone": args.backbone, "copies": 0})
-        log.info("augment@%s: augment.copies is 0, no variants", args.backbone)
-        return
     # Row i of the output: variant k of training image j, for j in order and k = 1..copies.
     rows = train.loc[np.repeat(np.arange(len(train)), augment.copies)].reset_index(drop=True)
     rows = rows.assign(variant=np.tile(np.arange(1, augment.copies + 1), len(train)))

@@ -130,4 +130,4 @@ def test_fine_tuning_runs_end_to_end_and_evaluates_the_tuned_model(copy_of: Path
     assert "Stage 'features@vgg16' didn't change, skipping" in out
     info = read(copy_of, "models/vgg16/info.json")
     assert info["fine_tuned"] and info["fine_tuned_layers"] == ["block5_conv3"]  # block5_pool has no weights
-    assert read(copy_of, "metrics/backbones/vgg16.json")["test_images"] > 0
+    assert read(copy_of, "plots/backbones/vgg16/report.json")["test_images"] > 0
