@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from imgclf.errors import UserError
-from imgclf.evaluation import read_predictions
+from imgclf.evaluation import headline, read_predictions
 
 
 def ensemble_probabilities(prediction_files: list[Path]) -> tuple[pd.DataFrame, list[str], np.ndarray]:
@@ -35,19 +35,9 @@ def ensemble_probabilities(prediction_files: list[Path]) -> tuple[pd.DataFrame, 
 
 
 def summary_row(name: str, metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    ci = metrics["ci"]
-    return {
-        "model": name,
-        **extra,
-        "accuracy": metrics["accuracy"],
-        "accuracy_low": ci["accuracy"][0],
-        "accuracy_high": ci["accuracy"][1],
-        "macro_f1": metrics["macro"]["f1"],
-        "macro_f1_low": ci["macro_f1"][0],
-        "macro_f1_high": ci["macro_f1"][1],
-        "roc_auc": metrics["roc_auc_ovr_macro"],
-        "loss": metrics["loss"],
-    }
+    """One row of the comparison: the model's name, `extra` (validation numbers, parameter counts), and the
+    same headline numbers that evaluate tracks as metrics."""
+    return {"model": name, **extra, **headline(metrics)}
 
 
 def pick_best(summary: pd.DataFrame) -> str:

@@ -68,8 +68,13 @@ if pending and not chatter.match(pending):
     forward(pending)
 """
 
-STDERR_IS_TTY = False  # whether the real stderr is a terminal (fd 2 itself is a pipe once filtered)
+_real_stderr_is_tty: bool | None = None  # recorded before fd 2 becomes the filter's pipe
 _filter_installed = False
+
+
+def stderr_is_tty() -> bool:
+    """Whether the user's stderr is a terminal (fd 2 itself is a pipe once the filter is installed)."""
+    return _real_stderr_is_tty if _real_stderr_is_tty is not None else sys.stderr.isatty()
 
 
 def quiet_native_stderr() -> None:
@@ -77,8 +82,7 @@ def quiet_native_stderr() -> None:
 
     Call before TensorFlow is imported. Python's own stderr goes through the same filter, in order.
     """
-    global _filter_installed, STDERR_IS_TTY
-    STDERR_IS_TTY = os.isatty(2) if not _filter_installed else STDERR_IS_TTY
+    global _filter_installed, _real_stderr_is_tty
     if _filter_installed or os.environ.get("IMGCLF_RAW_STDERR"):
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own level, for what it does control
@@ -86,6 +90,7 @@ def quiet_native_stderr() -> None:
 
     try:
         sys.stderr.flush()
+        _real_stderr_is_tty = os.isatty(2)
         real = os.dup(2)
         child = subprocess.Popen(
             [sys.executable, "-S", "-c", FILTER_CODE, CHATTER.pattern.decode("latin-1")],
@@ -113,7 +118,7 @@ class _NotOnTerminal(logging.Filter):
     """Keep progress lines off stderr when it is a terminal (the bar shows progress there)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == progress_log.name and STDERR_IS_TTY)
+        return not (record.name == progress_log.name and stderr_is_tty())
 
 
 def setup_logging(level: int = logging.INFO, run_log: str | Path | None = None) -> None:
@@ -147,8 +152,7 @@ class Progress:
         self.interval = PROGRESS_INTERVAL if interval is None else interval
         self.done = 0
         self.start = self.last = time.perf_counter()
-        tty = STDERR_IS_TTY if _filter_installed else sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=desc, unit="img", mininterval=2, disable=not tty)
+        self.bar = tqdm(total=total, desc=desc, unit="img", mininterval=2, disable=not stderr_is_tty())
 
     def update(self, n: int) -> None:
         self.done += n
