@@ -1,9 +1,11 @@
 """The frozen feature extractor: raw RGB image -> the backbone's own preprocessing -> feature map.
 
-    image (B, S, S, 3) 0..255 --Preprocess--> backbone (frozen) --> feature map (B, h, w, C)
+    image (B, S, S, 3) 0..255 --Preprocess--> backbone (frozen) --> feature map (B, h, w, C) float32
 
 features@<bb> builds it once, runs it over every image and saves it beside the features, so the
-end-to-end model (model.py) uses the very backbone that made the training features.
+end-to-end model (model.py) uses the very backbone that made the training features. The backbone may
+compute in bfloat16 or float16 (built under a Keras mixed-precision policy, see device.py); preprocessing
+runs in float32 and the feature map leaves the extractor as float32 whatever the backbone's precision.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ class Preprocess(layers.Layer):
 
 
 def build_extractor(backbone_model: keras.Model, backbone: str, image_size: int, mode: str) -> keras.Model:
-    """Raw image (B, S, S, 3) -> feature map (B, h, w, C), the backbone run in inference mode."""
+    """Raw image (B, S, S, 3) -> feature map (B, h, w, C) float32, the backbone run in inference mode (in the
+    precision it was built with)."""
     image = keras.Input((image_size, image_size, 3), name="image")
-    x = Preprocess(backbone, mode, name="preprocess")(image)
-    features = backbone_model(x, training=False)
+    x = Preprocess(backbone, mode, name="preprocess", dtype="float32")(image)
+    x = backbone_model(x, training=False)
+    features = layers.Activation("linear", dtype="float32", name="features_float32")(x)
     return keras.Model(image, features, name=f"{backbone}_extractor")
 
 

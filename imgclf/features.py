@@ -12,7 +12,7 @@ stage's log line and the run log carry the timing), so an identical rerun gives 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ EXTRACTOR_FILE = "extractor.keras"  # the exact backbone that made these feature
 
 # (index of the image in the list, image (S, S, 3) 0..255) -> transformed image; used to make augmented variants
 Transform = Callable[[int, np.ndarray], np.ndarray]
+# Runs a saved extractor elsewhere: (extractor file, paths, image size, batch size, recipe, description) ->
+# its outputs batch by batch, in row order (distributed.ray_engine)
+Engine = Callable[[Path, list[Path], int, int, ImageRecipe, str], Iterator[np.ndarray]]
 
 
 def unique_images(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -60,23 +63,25 @@ def batches(
     batch_size: int,
     recipe: ImageRecipe = DEFAULT_RECIPE,
     transform: Transform | None = None,
+    threads: int = 1,
 ) -> Iterator[np.ndarray]:
     """Decoded, resized (and, with `transform`, transformed) image batches (B, S, S, 3) float32 0..255;
-    the next batch loads in the background."""
+    the next batch loads in the background, on `threads` threads (Pillow releases the GIL while decoding)."""
 
-    def load(start: int) -> np.ndarray:
-        images = [load_or_stop(p, image_size, recipe) for p in paths[start : start + batch_size]]
-        if transform is not None:
-            images = [transform(start + i, image) for i, image in enumerate(images)]
-        return np.stack(images)
+    def load_one(i: int) -> np.ndarray:
+        image = load_or_stop(paths[i], image_size, recipe)
+        return transform(i, image) if transform is not None else image
+
+    def load(pool: ThreadPoolExecutor, start: int) -> list[Future[np.ndarray]]:
+        return [pool.submit(load_one, i) for i in range(start, min(start + batch_size, len(paths)))]
 
     starts = list(range(0, len(paths), batch_size))
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, starts[0]) if starts else None
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending = load(pool, starts[0]) if starts else []
         for i in range(len(starts)):
-            batch = pending.result()  # type: ignore[union-attr]
-            pending = pool.submit(load, starts[i + 1]) if i + 1 < len(starts) else None
-            yield batch
+            current = pending
+            pending = load(pool, starts[i + 1]) if i + 1 < len(starts) else []
+            yield np.stack([future.result() for future in current])
 
 
 def iter_features(
@@ -87,10 +92,11 @@ def iter_features(
     recipe: ImageRecipe = DEFAULT_RECIPE,
     desc: str = "features",
     transform: Transform | None = None,
+    threads: int = 1,
 ) -> Iterator[np.ndarray]:
     """The extractor's outputs (B, h, w, C) float32 for `paths`, batch by batch, with progress reports."""
     with Progress(len(paths), desc) as progress:
-        for batch in batches(paths, image_size, batch_size, recipe, transform):
+        for batch in batches(paths, image_size, batch_size, recipe, transform, threads):
             features = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
             progress.update(len(batch))
             yield features
@@ -108,13 +114,17 @@ def compute_features(
     transform: Transform | None = None,
     desc: str | None = None,
     save_extractor: bool = True,
+    threads: int = 1,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Write features.npy (N, h, w, C) float32, index.csv (sha256, path, row), info.json and the
     extractor itself (extractor.keras: the end-to-end model must use the very backbone that made the
     features, which matters with random init) into out_dir.
 
     The directory appears complete or not at all (built under a temporary name, then moved). With
-    `transform`, image i is transformed after loading (augmented variants; see augment.py).
+    `transform`, image i is transformed after loading (augmented variants; see augment.py). With `engine`
+    (e.g. distributed.ray_engine), the pass runs elsewhere from the saved extractor: the same batches, the
+    same numbers.
     """
     shape = tuple(int(d) for d in extractor.output.shape[1:])
     paths = [Path(root) / p for p in images.path]
@@ -126,14 +136,37 @@ def compute_features(
             header = {"descr": "<f4", "fortran_order": False, "shape": (len(paths), *shape)}
             np.lib.format.write_array_header_1_0(f, header)
             desc = desc or f"features@{info.get('backbone', '')}"
-            for features in iter_features(extractor, paths, image_size, batch_size, recipe, desc, transform):
+            if engine is not None:  # its workers load the saved extractor: save it first
+                if transform is not None or not save_extractor:
+                    raise ValueError("an engine runs features@'s pass only (augmented variants run locally)")
+                save_keras(extractor, tmp / EXTRACTOR_FILE)
+                outputs = engine(tmp / EXTRACTOR_FILE, paths, image_size, batch_size, recipe, desc)
+            else:
+                outputs = iter_features(extractor, paths, image_size, batch_size, recipe, desc, transform, threads)
+            nonfinite, nonzero = 0, 0
+            for features in outputs:
+                nonfinite += int(np.count_nonzero(~np.isfinite(features)))
+                nonzero += int(np.count_nonzero(features))
                 f.write(np.ascontiguousarray(features, dtype="<f4").tobytes())
+            check_values(desc, nonfinite, nonzero, len(paths), info.get("precision", "float32"))
         write_csv(images.assign(row=np.arange(len(images))), tmp / INDEX_FILE)
         info = {**info, "feature_shape": list(shape), "images": len(paths), "image_recipe": recipe.to_dict()}
         write_json(tmp / INFO_FILE, info)
-        if save_extractor:
+        if save_extractor and engine is None:
             save_keras(extractor, tmp / EXTRACTOR_FILE)
     return info
+
+
+def check_values(desc: str, nonfinite: int, nonzero: int, images: int, precision: str) -> None:
+    """Stop before writing features a head cannot learn from: infinities/NaN (float16 overflows above 65504)
+    or all zeros (a backbone whose activations underflow its precision, e.g. random-init MobileNet, ~1e-20,
+    in float16)."""
+    fix = "use bfloat16 (float32's range) or float32 for this backbone (features.precision_overrides)"
+    if nonfinite:
+        raise UserError(f"{desc}: {nonfinite} feature values are NaN or infinite in {precision}; {fix}")
+    if images and not nonzero:
+        hint = fix if precision == "float16" else "check features.weights and the images"
+        raise UserError(f"{desc}: every feature value is 0 in {precision} (the activations underflow); {hint}")
 
 
 def write_empty_features(out_dir: str | Path, feature_shape: list[int], info: dict[str, Any]) -> None:

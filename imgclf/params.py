@@ -17,6 +17,8 @@ from imgclf.backbones import BACKBONES, resolve_weights_path
 from imgclf.errors import UserError
 from imgclf.images import HIGH_BIT_DEPTH_RULES
 
+PRECISIONS = ("float32", "bfloat16", "float16")  # features.precision; what each means: device.py
+
 # The shape of params.yaml: a type, a tuple of allowed strings, or a nested section.
 TRAIN_KEYS: dict[str, Any] = {
     "epochs": "posint",
@@ -62,6 +64,10 @@ SCHEMA: dict[str, Any] = {
         "image_size": "posint",
         "preprocessing": ("backbone", "rescale"),
         "batch_size": "posint",
+        "precision": PRECISIONS,
+        "precision_overrides": "precision_overrides",
+        "engine": ("local", "ray"),
+        "ray": {"address": "str", "workers": "posint", "cpus_per_worker": "posint", "gpus_per_worker": "nonnegfloat"},
     },
     "train": {**TRAIN_KEYS, "overrides": "overrides"},
     "fine_tune": {"layers": "nonnegint", "lr": "posfloat", "epochs": "posint", "batch_size": "posint"},
@@ -185,6 +191,16 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
         if len(set(value)) != len(value):
             raise UserError(f"{name}={value!r} lists a backbone twice")
         return list(value)
+    if rule == "precision_overrides":
+        value = value or {}
+        if not isinstance(value, dict):
+            raise UserError(f"{name} must map backbones to a precision, e.g. {{mobilenet: float32}}; got {value!r}")
+        for bb, precision in value.items():
+            if bb not in BACKBONES:
+                raise UserError(f"{name} names unknown backbone {bb!r}; known backbones: {', '.join(BACKBONES)}")
+            if precision not in PRECISIONS:
+                raise UserError(f"{name}.{bb}={precision!r} is not one of: {', '.join(PRECISIONS)}")
+        return dict(value)
     if rule == "overrides":
         value = value or {}
         if not isinstance(value, dict):

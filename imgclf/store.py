@@ -1,16 +1,76 @@
-"""Read access to a features directory written by features@<bb>: rows by content hash, memory-mapped."""
+"""Read access to a features directory written by features@<bb>: rows by content hash, read from disk.
+
+Rows are read with positional reads (`os.pread`), not through a memory map: pages of a memory-mapped file
+that a process has touched count in its resident memory, so an epoch over a 20 GB feature file would
+grow it to 20 GB; here resident memory stays a batch, and the operating system's page cache (which is
+not the process's and is given back under pressure) keeps the hot rows fast.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pandas as pd
 
 from imgclf.errors import UserError
 from imgclf.features import EXTRACTOR_FILE, FEATURES_FILE, INDEX_FILE, INFO_FILE
 from imgclf.io import read_csv, read_json
+
+
+class RowReader:
+    """The rows of a .npy file of shape (N, ...) read on demand: `reader[rows]` for an int array of rows,
+    in any order and with repeats, returns (len(rows), ...) as a new in-memory array."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(f)
+            self.offset = f.tell()
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{self.path}: expected a C-ordered numeric array. Received: {dtype}, fortran={fortran}")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = dtype
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"rows outside 0..{self.shape[0] - 1} of {self.path}")
+        if not rows.size:
+            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        out = np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(unique), -1).view(np.uint8)
+        start = 0
+        # One read per run of consecutive rows (a sorted, shuffled batch has few; a sequential scan, one).
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        for run in np.split(np.arange(len(unique)), breaks):
+            first, count = int(unique[run[0]]), len(run)
+            data = os.pread(self.fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+            if len(data) != count * self.row_bytes:
+                raise OSError(f"{self.path} is shorter than its header says (truncated?)")
+            flat[start : start + count] = np.frombuffer(data, dtype=np.uint8).reshape(count, self.row_bytes)
+            start += count
+        return out[inverse]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class FeatureStore:
@@ -24,7 +84,7 @@ class FeatureStore:
                 f"no cached features in {self.directory} (missing {', '.join(missing)}); "
                 f"run `dvc repro features@{self.directory.name}` first"
             )
-        self.array = np.load(self.directory / FEATURES_FILE, mmap_mode="r")  # (N, h, w, C)
+        self.array = RowReader(self.directory / FEATURES_FILE)  # (N, h, w, C)
         index = read_csv(self.directory / INDEX_FILE)
         self.row_of = dict(zip(index.sha256, index.row, strict=True))
         self.info = read_json(self.directory / INFO_FILE)
@@ -49,8 +109,9 @@ class FeatureStore:
         return np.array([self.row_of[h] for h in frame.sha256], dtype=np.int64)
 
     def take(self, frame: pd.DataFrame) -> np.ndarray:
-        """Features for each row of `frame`, in order (oversampled rows repeat): (len(frame), h, w, C)."""
-        return np.asarray(self.array[self.rows(frame)])
+        """Features for each row of `frame`, in order (oversampled rows repeat): (len(frame), h, w, C), in
+        memory: for a few rows (attention maps, tests); datasets go through `FeatureBatches`."""
+        return self.array[self.rows(frame)]
 
     def channel_stats(self, frame: pd.DataFrame, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and variance over the rows of `frame` and all positions, in bounded memory."""
@@ -58,7 +119,7 @@ class FeatureStore:
         c = self.array.shape[-1]
         total, total_sq, count = np.zeros(c), np.zeros(c), 0
         for i in range(0, len(rows), chunk):
-            block = np.asarray(self.array[np.sort(rows[i : i + chunk])], dtype=np.float64).reshape(-1, c)
+            block = self.array[rows[i : i + chunk]].astype(np.float64).reshape(-1, c)
             total += block.sum(axis=0)
             total_sq += (block**2).sum(axis=0)
             count += len(block)
@@ -77,13 +138,13 @@ class VariantStore:
             )
         self.info = read_json(self.directory / INFO_FILE)
         self.copies = int(self.info["copies"])
-        self.array = np.load(self.directory / FEATURES_FILE, mmap_mode="r")  # (N * copies, h, w, C)
+        self.array = RowReader(self.directory / FEATURES_FILE)  # (N * copies, h, w, C)
         index = read_csv(self.directory / INDEX_FILE)
         self.row_of = {(s, int(k)): int(r) for s, k, r in zip(index.sha256, index.variant, index.row, strict=True)}
 
-    def take(self, frame: pd.DataFrame) -> np.ndarray:
-        """The `copies` variants of each row of `frame` (row by row, variants 1..copies): (len(frame) * copies,
-        h, w, C). Oversampled repeats of an image repeat its variants."""
+    def rows(self, frame: pd.DataFrame) -> np.ndarray:
+        """Row numbers of the `copies` variants of each row of `frame` (row by row, variants 1..copies):
+        len(frame) * copies. Oversampled repeats of an image repeat its variants."""
         keys = [(s, k) for s in frame.sha256 for k in range(1, self.copies + 1)]
         missing = [key for key in keys if key not in self.row_of]
         if missing:
@@ -91,4 +152,56 @@ class VariantStore:
                 f"{len(missing)} augmented variant(s) missing in {self.directory} (e.g. {missing[0]}); "
                 f"run `dvc repro augment@{self.directory.name}`"
             )
-        return np.asarray(self.array[np.array([self.row_of[key] for key in keys], dtype=np.int64)])
+        return np.array([self.row_of[key] for key in keys], dtype=np.int64)
+
+    def take(self, frame: pd.DataFrame) -> np.ndarray:
+        """The variants' features, in memory (see `rows`): (len(frame) * copies, h, w, C)."""
+        return self.array[self.rows(frame)]
+
+
+class FeatureBatches(keras.utils.PyDataset):
+    """(features, labels) batches gathered by row number from sources that stay on disk.
+
+    A source is anything that `source[rows]` turns into an array (B, h, w, C): a `store.RowReader` over a
+    features.npy, or an in-memory array. The dataset is a list of (source, row, label) items, so oversampled
+    repeats and augmented variants are indices, never copies: memory is one batch (and the tf.data prefetch
+    of a few), whatever the dataset size. With `shuffle_seed`, the order is a new seeded permutation every
+    epoch (the same on every run); without, the items' order (predictions line up with the frame).
+    """
+
+    def __init__(
+        self,
+        parts: list[tuple[Any, np.ndarray, np.ndarray]],
+        batch_size: int,
+        shuffle_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sources = [source for source, _, _ in parts]
+        self.source_of = np.concatenate([np.full(len(rows), i) for i, (_, rows, _) in enumerate(parts)])
+        self.rows = np.concatenate([np.asarray(rows, dtype=np.int64) for _, rows, _ in parts])
+        self.labels = np.concatenate([np.asarray(labels) for _, _, labels in parts])
+        if len(self.rows) != len(self.labels):
+            raise ValueError(f"rows and labels differ in length. Received: {len(self.rows)}, {len(self.labels)}")
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+        self.order = np.arange(len(self.rows))
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        items = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        blocks = []
+        for i, source in enumerate(self.sources):
+            mine = self.source_of[items] == i
+            if mine.any():
+                blocks.append((np.flatnonzero(mine), source[self.rows[items[mine]]]))
+        x = np.empty((len(items), *blocks[0][1].shape[1:]), dtype=np.float32)
+        for positions, block in blocks:
+            x[positions] = block
+        return x, self.labels[items]
+
+    def on_epoch_end(self) -> None:
+        if self.rng is not None:
+            self.order = self.rng.permutation(len(self.rows))

@@ -15,6 +15,7 @@ from imgclf.augment import AugmentParams, random_transform
 from imgclf.features import load_or_stop
 from imgclf.images import DEFAULT_RECIPE, ImageRecipe
 from imgclf.logs import log
+from imgclf.store import FeatureBatches
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -62,9 +63,12 @@ def open_live(directory: str | Path) -> Any:
         ) from exc
 
 
-def compile_model(model: keras.Model, lr: float) -> None:
+def compile_model(model: keras.Model, lr: float, loss_scale: bool = False) -> None:
+    """Adam + sparse cross-entropy; with `loss_scale` (a float16 backbone being fine-tuned), Keras' dynamic
+    loss scaling, which keeps float16 gradients from underflowing."""
+    optimizer = keras.optimizers.Adam(learning_rate=lr)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr),
+        optimizer=keras.optimizers.LossScaleOptimizer(optimizer) if loss_scale else optimizer,
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -72,10 +76,8 @@ def compile_model(model: keras.Model, lr: float) -> None:
 
 def fit_head(
     head: keras.Model,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
+    train: FeatureBatches,
+    val: FeatureBatches,
     params: dict[str, Any],
     callbacks: list[keras.callbacks.Callback] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
@@ -89,12 +91,9 @@ def fit_head(
     )
     start = time.perf_counter()
     history = head.fit(
-        x_train,
-        y_train,
-        validation_data=(x_val, y_val),
+        train,
+        validation_data=val,
         epochs=params["epochs"],
-        batch_size=params["batch_size"],
-        shuffle=True,
         callbacks=[stopper, *callbacks],
         verbose=0,  # the LiveLogger writes one line per epoch
     )
@@ -175,8 +174,10 @@ def fine_tune(
     """Train end to end on images with a tiny learning rate, the top `params['layers']` backbone layers unfrozen.
     With `augment`, the training images get the same random transforms as the offline variants, live (the
     backbone runs every epoch here anyway); validation images never do."""
+    from imgclf.device import model_precision
+
     unfrozen = unfreeze_top(backbone, params["layers"])
-    compile_model(full, params["lr"])
+    compile_model(full, params["lr"], loss_scale=model_precision(backbone) == "float16")
     index = {c: i for i, c in enumerate(classes)}
 
     def data(frame: pd.DataFrame, shuffle_seed: int | None, live: AugmentParams | None) -> ImageBatches:

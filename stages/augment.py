@@ -55,7 +55,13 @@ def main() -> None:
         out_dir=args.out_dir,
         image_size=features_info["image_size"],
         batch_size=params["features"]["batch_size"],
-        info={"backbone": args.backbone, "copies": augment.copies, "augment": augment.to_dict(), "seed": seed},
+        info={
+            "backbone": args.backbone,
+            "copies": augment.copies,
+            "augment": augment.to_dict(),
+            "seed": seed,
+            "precision": features_info.get("precision", "float32"),  # the saved extractor's: the same pass
+        },
         recipe=ImageRecipe.from_params(params["data"]),
         transform=lambda i, image: make_variant(image, seed, rows.sha256[i], int(rows.variant[i]), augment),
         desc=f"augment@{args.backbone}",

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from imgclf.errors import log, stage_main
 from imgclf.images import ImageRecipe
@@ -33,7 +34,7 @@ def main() -> None:
     from imgclf.model import attention_model, load_model
     from imgclf.plots import attention_overlay
     from imgclf.predict import Classifier
-    from imgclf.store import FeatureStore
+    from imgclf.store import FeatureBatches, FeatureStore
 
     root = Path(params["data"]["root"])
     splits = {name: read_csv(args.split_dir / f"{name}.csv") for name in ("val", "test")}
@@ -42,13 +43,28 @@ def main() -> None:
     recipe = ImageRecipe.from_params(params["data"])
     head = load_model(str(args.model_dir / "head.keras"))
     if info["fine_tuned"]:
-        # The backbone changed during fine-tuning: the cached features are stale for this model.
+        # The backbone changed during fine-tuning: the cached features are stale for this model. Features
+        # are computed chunk by chunk, each chunk's probabilities kept (memory: one chunk of feature maps).
         classifier = Classifier.load(args.model_dir)
-        features = {name: classifier.features([root / p for p in frame.path]) for name, frame in splits.items()}
+
+        def features_of(frame: pd.DataFrame) -> np.ndarray:
+            return classifier.features([root / p for p in frame.path])
+
+        def probabilities(frame: pd.DataFrame) -> np.ndarray:
+            chunks = [frame.iloc[i : i + 512] for i in range(0, len(frame), 512)]
+            return np.concatenate([classifier.predict_features(features_of(c)) for c in chunks])
     else:
+        # Cached features, read from disk batch by batch (FeatureBatches), in the frame's order.
         store = FeatureStore(args.features)
-        features = {name: store.take(frame) for name, frame in splits.items()}
-    probs = {name: head.predict(x, batch_size=256, verbose=0) for name, x in features.items()}
+
+        def features_of(frame: pd.DataFrame) -> np.ndarray:
+            return store.take(frame)
+
+        def probabilities(frame: pd.DataFrame) -> np.ndarray:
+            batches = FeatureBatches([(store.array, store.rows(frame), np.zeros(len(frame)))], 256)
+            return head.predict(batches, verbose=0)
+
+    probs = {name: probabilities(frame) for name, frame in splits.items()}
     val, test = splits["val"], splits["test"]
     write_predictions(args.plot_dir / "val_predictions.csv", list(val.path), list(val.label), probs["val"], classes)
     write_json(
@@ -71,7 +87,7 @@ def main() -> None:
     per_class = params["evaluate"]["attention_images_per_class"]
     if per_class:
         chosen = [i for c in classes for i in np.flatnonzero(test.label.to_numpy() == c)[:per_class]]
-        maps = attention_model(head).predict(features["test"][chosen], verbose=0)  # (n, h, w)
+        maps = attention_model(head).predict(features_of(test.iloc[chosen]), verbose=0)  # (n, h, w)
         images = [load_or_stop(root / test.path[i], info["image_size"], recipe) for i in chosen]
         predicted = np.asarray(classes)[probs["test"][chosen].argmax(axis=1)]
         titles = [f"{test.label[i]} -> {p}" for i, p in zip(chosen, predicted, strict=True)]

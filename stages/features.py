@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from imgclf.backbones import build_backbone, get_backbone
+from imgclf.device import check_precision, dtype_policy, precision_for
 from imgclf.errors import log, stage_main
 from imgclf.features import compute_features
 from imgclf.images import ImageRecipe
@@ -34,8 +35,16 @@ def main() -> None:
 
     from imgclf.extractor import build_extractor
 
+    if features["engine"] == "ray":  # Ray is imported (and needed) only then
+        from imgclf.distributed import import_ray, ray_engine, shutdown
+
+        import_ray(features["ray"]["address"])  # not installed: say so before the backbone is built
+
     images = read_csv(args.images)
-    model, weights = build_backbone(backbone, features["image_size"], features["weights"])
+    precision = precision_for(features, backbone.name)
+    check_precision(precision, backbone.name)
+    with dtype_policy(precision):  # the backbone's layers compute in this precision (variables stay float32)
+        model, weights = build_backbone(backbone, features["image_size"], features["weights"])
     extractor = build_extractor(model, backbone.name, features["image_size"], features["preprocessing"])
     start = time.perf_counter()
     info = compute_features(
@@ -49,16 +58,22 @@ def main() -> None:
             "backbone": backbone.name,
             "image_size": features["image_size"],
             "preprocessing": features["preprocessing"],
+            "precision": precision,
             **weights,
         },
         recipe=ImageRecipe.from_params(params["data"]),
+        engine=ray_engine(features["ray"]) if features["engine"] == "ray" else None,
     )
+    where = "this process"
+    if features["engine"] == "ray":
+        shutdown()
+        where = f"ray at {features['ray']['address']}, {features['ray']['workers']} workers"
     seconds = time.perf_counter() - start
     log.info(
         "features@%s: %d backbone passes (one per unique image of train, val and test) -> %s in %.1f s "
-        "(%.1f images/s)",
+        "(%.1f images/s, %s, %s)",
         backbone.name, info["images"], tuple(info["feature_shape"]), seconds,
-        info["images"] / seconds if seconds > 0 else 0.0,
+        info["images"] / seconds if seconds > 0 else 0.0, precision, where,
     )  # fmt: skip
 
 

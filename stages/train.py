@@ -38,7 +38,7 @@ def main() -> None:
     from imgclf.extractor import backbone_of
     from imgclf.model import build_attention_head, build_end_to_end, count_params
     from imgclf.plots import history_plot
-    from imgclf.store import FeatureStore, VariantStore
+    from imgclf.store import FeatureBatches, FeatureStore, VariantStore
     from imgclf.training import LiveLogger, fine_tune, fit_head, open_live
 
     store = FeatureStore(args.features)
@@ -69,16 +69,14 @@ def main() -> None:
     y_train, y_val = train.label.map(index).to_numpy(), val.label.map(index).to_numpy()
     variants = VariantStore(args.augmented)
     n, copies = len(train), variants.copies
-    # One array, filled in blocks: memory is the training set itself, with no second copy at the peak.
-    x_train = np.empty((n * (1 + copies), *store.feature_shape), dtype=np.float32)  # (N (1 + copies), h, w, C)
-    for i in range(0, n, 1024):
-        block = train.iloc[i : i + 1024]
-        x_train[i : i + len(block)] = store.take(block)
-        if copies:  # the variants 1..copies of balanced row j sit at n + j * copies ...
-            x_train[n + i * copies : n + (i + len(block)) * copies] = variants.take(block)
-    if copies:
-        y_train = np.concatenate([y_train, np.repeat(y_train, copies)])
+    # Rows by index, read from disk batch by batch: memory does not grow with the dataset (FeatureBatches).
+    parts = [(store.array, store.rows(train), y_train)]
+    if copies:  # the variants 1..copies of every balanced row, with that row's label
+        parts.append((variants.array, variants.rows(train), np.repeat(y_train, copies)))
         log.info("train@%s: %d balanced rows + %d augmented variants", backbone.name, n, n * copies)
+    batch_size = tp["batch_size"]
+    train_batches = FeatureBatches(parts, batch_size, shuffle_seed=seed)
+    val_batches = FeatureBatches([(store.array, store.rows(val), y_val)], batch_size)
     # Fine-tuning transforms live with the strengths the variants were made with (recorded by augment@).
     augment = AugmentParams.from_params(variants.info["augment"]) if copies else None
     recipe = ImageRecipe.from_params(params["data"])
@@ -86,7 +84,7 @@ def main() -> None:
     image_size = features_info["image_size"]
     desc = f"train@{backbone.name}"
     with atomic_path(args.live_dir) as live_tmp, open_live(live_tmp) as live:
-        result = fit_head(head, x_train, y_train, store.take(val), y_val, tp, [LiveLogger(live, desc)])
+        result = fit_head(head, train_batches, val_batches, tp, [LiveLogger(live, desc)])
         history = result["history"]
         extractor = store.extractor()
         full = build_end_to_end(extractor, head, name=f"{backbone.name}_classifier")
@@ -120,6 +118,7 @@ def main() -> None:
         "augment": variants.info["augment"] if variants.copies else None,
         "weights": features_info["weights"],
         "weights_sha256": features_info.get("weights_sha256"),
+        "precision": features_info.get("precision", "float32"),
         "fine_tuned": fine is not None,
         "fine_tuned_layers": fine["unfrozen_layers"] if fine else [],
         "epochs_run": result["epochs_run"],

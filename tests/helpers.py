@@ -25,6 +25,10 @@ TINY = {
     "backbones": E2E_BACKBONES,
     "features.weights": "none",
     "features.image_size": 64,  # a 2x2 feature map: the attention has positions to choose from
+    # The end-to-end runs exercise both precisions: VGG16's pass (and its fine-tuning, evaluate, predict) in
+    # bfloat16, MobileNet's in float32 through the per-backbone override.
+    "features.precision": "bfloat16",
+    "features.precision_overrides": {"mobilenet": "float32"},
     "train.epochs": 6,
     "train.early_stopping.patience": 3,
     "evaluate.bootstrap": 200,

@@ -50,6 +50,7 @@ def test_tiny_features_are_standardised_not_flattened() -> None:
 
 def test_head_learns_what_a_linear_probe_learns() -> None:
     """Two classes separated along one channel: the head must fit them (a linear model can)."""
+    from imgclf.store import FeatureBatches
     from imgclf.training import fit_head
 
     rng = np.random.default_rng(2)
@@ -58,7 +59,9 @@ def test_head_learns_what_a_linear_probe_learns() -> None:
     x[..., 0] += (y[:, None, None] * 2 - 1) * 1e-5
     head = build_attention_head((2, 2, 8), 2, feature_mean=x.mean((0, 1, 2)), feature_variance=x.var((0, 1, 2)))
     params = {"lr": 3e-3, "epochs": 30, "batch_size": 32, "early_stopping": {"monitor": "val_loss", "patience": 5}}
-    result = fit_head(head, x[:150], y[:150], x[150:], y[150:], params)
+    train = FeatureBatches([(x, np.arange(150), y[:150])], 32, shuffle_seed=0)
+    val = FeatureBatches([(x, np.arange(150, 200), y[150:])], 32)
+    result = fit_head(head, train, val, params)
     assert max(result["history"]["val_accuracy"]) >= 0.9
 
 

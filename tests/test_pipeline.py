@@ -28,6 +28,8 @@ def test_repro_trains_and_records_every_backbone(trained: Path) -> None:
         features = read(trained, f"data/features/{bb}/info.json")
         assert features["weights"] == "none" and features["feature_shape"][:2] == [2, 2]
         info = read(trained, f"models/{bb}/info.json")
+        precision = {"vgg16": "bfloat16", "mobilenet": "float32"}[bb]  # TINY's features.precision(_overrides)
+        assert features["precision"] == info["precision"] == precision
         assert info["classes"] == ["hbar", "ring", "vbar"] and not info["fine_tuned"]
         assert (trained / f"models/{bb}/model.keras").is_file() and (trained / f"models/{bb}/head.keras").is_file()
         curve = pd.read_csv(trained / f"dvclive/train/{bb}/plots/metrics/val_accuracy.tsv", sep="\t")

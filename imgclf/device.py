@@ -1,0 +1,103 @@
+"""Where and in what precision the backbone runs: Keras mixed-precision policies, GPUs, CPU capabilities.
+
+`features.precision` (float32 | bfloat16 | float16, per backbone with `features.precision_overrides`) picks
+the Keras dtype policy the backbone is built under: `mixed_bfloat16` / `mixed_float16` compute in 16 bits
+and keep float32 variables. The policy is saved with every layer in extractor.keras and model.keras, so
+train (fine-tuning), evaluate and predict run the backbone exactly as features@ did, without a param.
+The extractor's output is cast back to float32 (extractor.py) and features are stored as float32: numpy
+has no bfloat16, and float16 storage would flush random-init MobileNet's ~1e-20 activations to zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from imgclf.errors import UserError, log
+
+# The Keras dtype policy of each precision params.py accepts (PRECISIONS there).
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+# CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic: AVX-512 BF16 (Intel Cooper Lake and later,
+# AMD Zen 4 and later) and AMX (Intel Sapphire Rapids and later).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def precision_for(features: dict[str, Any], backbone: str) -> str:
+    """The precision of one backbone's pass: `features.precision`, or its entry in `precision_overrides`."""
+    return features.get("precision_overrides", {}).get(backbone, features.get("precision", "float32"))
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: unknown
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def setup_gpus() -> list[Any]:
+    """The visible GPUs, with memory growth on (TensorFlow otherwise reserves all GPU memory at start)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        with suppress(RuntimeError):  # already initialised in this process: growth cannot change any more
+            tf.config.experimental.set_memory_growth(gpu, True)
+    return gpus
+
+
+def check_precision(precision: str, backbone: str, gpus: list[Any] | None = None) -> None:
+    """Stop on a precision this machine cannot run well; warn where it runs but slower than float32."""
+    if precision == "float32":
+        return
+    gpus = setup_gpus() if gpus is None else gpus
+    if gpus:
+        return
+    if precision == "float16":
+        raise UserError(
+            f"features.precision for {backbone} is float16, but TensorFlow sees no GPU: on a CPU it emulates "
+            "float16 (VGG16 at 224 px ran at 0.6x float32 speed here) and a random-init backbone's tiny "
+            "activations underflow it. Use bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 otherwise, or "
+            "install the GPU build (README, 'GPU')"
+        )
+    if not set(BF16_CPU_FLAGS) & cpu_flags():
+        log.warning(
+            "features.precision for %s is bfloat16, but this CPU has no bfloat16 units (%s): it will run, "
+            "slower than float32; use float32 on this machine",
+            backbone,
+            " or ".join(BF16_CPU_FLAGS),
+        )
+
+
+@contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Layers built inside use the Keras policy of `precision` (e.g. mixed_bfloat16); float32 again after."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def model_precision(model: Any) -> str:
+    """The precision a saved extractor or end-to-end model computes its backbone in (from its layers)."""
+    names = {getattr(layer.dtype_policy, "name", "float32") for layer in _all_layers(model)}
+    for precision in ("bfloat16", "float16"):
+        if POLICIES[precision] in names:
+            return precision
+    return "float32"
+
+
+def _all_layers(model: Any) -> Iterator[Any]:
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)

@@ -1,0 +1,242 @@
+"""The Ray engine: the backbone pass of features@ (and predict) on a Ray cluster, same numbers, same files.
+
+    driver: save the extractor once -> its bytes to every worker (Ray's object store) -> one task per batch of
+            32 paths -> workers decode the images themselves and run the very same saved model -> the driver
+            receives the feature maps in row order, batch by batch, and appends them to features.npy
+
+Each input item is a whole batch (the same paths, in the same order, as the local engine's batch), so every
+image goes through the backbone in the same batch composition on both engines: on CPU the features are
+bit-identical to the local pass (tested). The driver never holds more than a few batches. Workers need the
+data folder at the same path (a shared filesystem); they import this checkout's `imgclf` (shipped with the
+job as a Ray `py_modules` entry), not whatever is installed on the nodes.
+
+Ray is imported here only, and installed only on request (`pip install -r requirements-ray.txt`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.errors import UserError, log
+from imgclf.images import ImageRecipe
+from imgclf.logs import Progress
+
+INSTALL_HINT = "install it with `pip install -r requirements-ray.txt` (or set features.engine: local)"
+CONNECT_TIMEOUT_S = 5  # a quick TCP check first: Ray itself retries an unreachable head for minutes
+
+
+def import_ray(address: str = "local") -> Any:
+    """Import Ray (read its settings at import). A local instance uses token authentication, Ray 2.60's default
+    for local clusters, set explicitly so that Ray does not warn about it; a cluster's mode is the user's."""
+    if address == "local":
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"features.engine is ray, but Ray is not installed; {INSTALL_HINT}") from None
+    return ray
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds, in the user's terms, when a cluster address cannot be reached at all."""
+    if address in ("local", "auto") or not address:
+        return
+    host_port = address.removeprefix("ray://")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(
+            f"features.ray.address={address!r} is not local, auto, host:port (the head's GCS port, 6379) or "
+            "ray://host:port (Ray Client, 10001)"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it (`ray start --head` on "
+            "the head node), check the address and that this machine can reach it, or set features.ray.address: "
+            "local for a Ray instance on this machine"
+        ) from None
+
+
+def connect(options: dict[str, Any]) -> Any:
+    """ray.init for `features.ray` (address local | auto | host:port | ray://host:port), quietly, with this
+    checkout's imgclf shipped to the workers. Returns the ray module."""
+    address = options["address"]
+    ray = import_ray(address)
+    check_reachable(address)
+    if ray.is_initialized():
+        return ray
+    package = Path(__file__).resolve().parent
+    runtime_env = {
+        "py_modules": [str(package)],
+        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
+    }
+    kwargs: dict[str, Any] = {
+        "runtime_env": runtime_env,
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,  # the workers' TensorFlow start-up lines; errors come back as exceptions
+        "include_dashboard": False,
+    }
+    if address == "local":
+        kwargs["num_cpus"] = options["workers"] * options["cpus_per_worker"]
+        kwargs["num_gpus"] = options["workers"] * options["gpus_per_worker"]
+    else:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address}: {exc}") from None
+    except Exception as exc:  # e.g. AuthenticationError: a token is required and missing
+        if type(exc).__name__ == "AuthenticationError":
+            raise UserError(
+                f"the Ray cluster at {address} refused this machine: it needs the cluster's token (set "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH, see README 'Beyond one machine')"
+            ) from None
+        raise
+    quiet_console(logging.getLogger("ray.data"))
+    return ray
+
+
+def quiet_console(logger: logging.Logger) -> None:
+    """Ray Data prints its progress, plans and (before re-raising) every worker traceback to the console; its
+    session log file (ray-data.log) keeps them all. Errors reach the user as one line (ray_batches)."""
+    import ray.data  # noqa: F401  (configures Ray Data's loggers on import)
+
+    for handler in logger.handlers:
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.CRITICAL)
+
+
+class BatchModel:
+    """A Ray actor: holds one saved Keras model (extractor.keras or model.keras) and runs it on batches of
+    image paths, decoding them on the worker with the pipeline's own load_image."""
+
+    def __init__(self, model: list[Any], image_size: int, recipe: dict[str, Any]) -> None:
+        import ray
+
+        from imgclf.extractor import load_extractor
+        from imgclf.repro import seed_everything
+
+        seed_everything(0)  # op determinism, as in the local stages
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.keras"
+            path.write_bytes(ray.get(model[0]))  # the saved model's bytes, put once in the object store
+            self.model = load_extractor(str(path))
+        self.image_size = image_size
+        self.recipe = ImageRecipe.from_params(recipe)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from imgclf.features import load_or_stop
+
+        rows, outputs = [], []
+        for start, paths in zip(batch["start"], batch["paths"], strict=True):  # one item = one local batch
+            images = np.stack([load_or_stop(Path(p), self.image_size, self.recipe) for p in paths])
+            outputs.append(np.asarray(self.model.predict_on_batch(images), dtype=np.float32))
+            rows.append(np.arange(start, start + len(paths)))
+        return {"row": np.concatenate(rows), "output": np.concatenate(outputs)}
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's wrappers (RayTaskError(UserError) -> the UserError)."""
+    seen = exc
+    for _ in range(5):
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None or cause is seen:
+            break
+        seen = cause
+    return seen
+
+
+def ray_batches(
+    model_file: Path,
+    paths: list[Path],
+    image_size: int,
+    batch_size: int,
+    recipe: ImageRecipe,
+    options: dict[str, Any],
+) -> Iterator[np.ndarray]:
+    """The saved model's outputs for `paths`, computed by `options['workers']` Ray actors, yielded batch by
+    batch in row order (the same batches as the local engine's)."""
+    ray = connect(options)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # results in row order
+    context.enable_progress_bars = False  # our own progress line reports
+    context.print_on_execution_start = False
+    context.raise_original_map_exception = True  # the worker's UserError, not "UDF failed"
+    # Absolute paths: a worker's working directory is not the driver's.
+    items = [
+        {"start": start, "paths": [os.path.abspath(p) for p in paths[start : start + batch_size]]}
+        for start in range(0, len(paths), batch_size)
+    ]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * options["workers"])))
+    mapped = dataset.map_batches(
+        BatchModel,
+        fn_constructor_kwargs={
+            # A reference wrapped in a list: fetched by each actor, not resolved as a constructor argument
+            # (Ray warns that actors with arguments in the object store cannot be restarted reliably).
+            "model": [ray.put(Path(model_file).read_bytes())],
+            "image_size": image_size,
+            "recipe": recipe.to_dict(),
+        },
+        batch_size=1,  # one item: one batch of batch_size images
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=worker_count(options, len(paths), batch_size)),
+        num_cpus=options["cpus_per_worker"],
+        num_gpus=options["gpus_per_worker"],
+    )
+    expected = 0
+    try:
+        for out in mapped.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+            rows = np.asarray(out["row"])
+            if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
+                raise RuntimeError(f"Ray returned rows out of order at row {expected}")  # preserve_order broken
+            expected += len(rows)
+            yield np.asarray(out["output"], dtype=np.float32)
+    except ray.exceptions.RayError as exc:
+        cause = unwrap(exc)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)  # Ray appends retry notes
+        if isinstance(cause, UserError):
+            raise UserError(
+                f"a Ray worker stopped: {first.rstrip('.')}. Workers read the images themselves: data.root must be "
+                "visible at the same path on every node (a shared filesystem)"
+            ) from None
+        raise UserError(f"the Ray engine failed: {type(cause).__name__}: {first}") from None
+    if expected != len(paths):
+        raise RuntimeError(f"Ray returned {expected} rows for {len(paths)} images")
+
+
+def ray_engine(options: dict[str, Any]) -> Callable[..., Iterator[np.ndarray]]:
+    """features.compute_features' `engine` for `features.ray`: ray_batches with a progress line."""
+
+    def run(
+        model_file: Path, paths: list[Path], image_size: int, batch_size: int, recipe: ImageRecipe, desc: str
+    ) -> Iterator[np.ndarray]:
+        with Progress(len(paths), f"{desc} on ray") as progress:
+            for features in ray_batches(model_file, paths, image_size, batch_size, recipe, options):
+                progress.update(len(features))
+                yield features
+
+    return run
+
+
+def worker_count(options: dict[str, Any], images: int, batch_size: int) -> int:
+    return max(1, min(options["workers"], math.ceil(images / batch_size)))
+
+
+def shutdown() -> None:
+    try:
+        import ray
+    except ImportError:
+        return
+    if ray.is_initialized():
+        ray.shutdown()
+    log.debug("ray: shut down")
