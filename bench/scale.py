@@ -70,32 +70,46 @@ def extractor(backbone: str, size: int, precision: str):
     return build_extractor(model, backbone, size, "backbone")
 
 
-def throughput(backbone: str, precision: str, paths: list[Path], size: int, batch: int, threads: int) -> dict:
+def throughput(
+    backbone: str,
+    precision: str,
+    paths: list[Path],
+    size: int,
+    batch: int,
+    threads: int,
+    jpeg_scaling: bool = True,
+    repeats: int = 3,
+) -> dict:
     """images/s of features@'s pass (files -> features.npy on disk) and of the bare forward pass on the same
-    images already decoded in memory, same batch size; one warm-up batch first (graph tracing)."""
+    images already decoded in memory, same batch size; warm-up batches first (graph tracing); medians of
+    `repeats` alternating runs."""
     import numpy as np
     import pandas as pd
 
     from imgclf.features import compute_features
-    from imgclf.images import load_image
+    from imgclf.images import ImageRecipe, load_image
 
+    recipe = ImageRecipe(jpeg_scaling=jpeg_scaling)  # as params.yaml's data section gives it
     model = extractor(backbone, size, precision)
     decoded = [np.stack([load_image(p, size) for p in paths[i : i + batch]]) for i in range(0, len(paths), batch)]
     model.predict_on_batch(decoded[0])
     model.predict_on_batch(decoded[-1])
-    start = time.perf_counter()
-    for x in decoded:
-        model.predict_on_batch(x)
-    bare = len(paths) / (time.perf_counter() - start)
     frame = pd.DataFrame({"sha256": [f"{i:064x}" for i in range(len(paths))], "path": [str(p) for p in paths]})
-    with tempfile.TemporaryDirectory() as tmp:
+    bare, files = [], []
+    for _ in range(repeats):  # alternating, so that a slow spell of the machine hits both
         start = time.perf_counter()
-        compute_features(
-            model, frame, "/", Path(tmp) / "f", size, batch, {"backbone": backbone}, threads=threads,
-            save_extractor=False,
-        )  # fmt: skip
-        files = len(paths) / (time.perf_counter() - start)
-    return {"bare_ips": round(bare, 1), "features_ips": round(files, 1), "ratio": round(files / bare, 3)}
+        for x in decoded:
+            model.predict_on_batch(x)
+        bare.append(len(paths) / (time.perf_counter() - start))
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            compute_features(
+                model, frame, "/", Path(tmp) / "f", size, batch, {"backbone": backbone}, recipe, threads=threads,
+                save_extractor=False,
+            )  # fmt: skip
+            files.append(len(paths) / (time.perf_counter() - start))
+    b, f = statistics.median(bare), statistics.median(files)
+    return {"bare_ips": round(b, 1), "features_ips": round(f, 1), "ratio": round(f / b, 3), "repeats": repeats}
 
 
 def child(args: list[str]) -> dict:
@@ -112,7 +126,7 @@ def precision_part(n: int) -> None:
     for backbone in BACKBONES:
         for precision in ("float32", "bfloat16"):
             print(f"{backbone} {precision}...", file=sys.stderr, flush=True)
-            rows[f"{backbone} {precision}"] = child(["throughput", backbone, precision, "224", "32", "1", *paths])
+            rows[f"{backbone} {precision}"] = child(["throughput", backbone, precision, "224", "32", "1", "1", *paths])
             save("precision", {"images": n, "jpeg_side": 512, "size": 224, "batch": 32, "rows": rows})
     print("| backbone | precision | forward pass img/s | features@ img/s | ratio (≥0.85) |\n|---|---|---|---|---|")
     for key, r in rows.items():
@@ -121,24 +135,33 @@ def precision_part(n: int) -> None:
 
 def tuning_part(n: int) -> None:
     paths = [str(p) for p in jpegs(Path(tempfile.gettempdir()) / "imgclf-bench-jpegs", n)]
-    rows = []
+    done = json.loads(RESULTS.read_text()).get("tuning", {}).get("rows", []) if RESULTS.is_file() else []
+    rows = list(done)  # resume: settings measured before are kept, not measured again
     cases = [("vgg16", "bfloat16"), ("mobilenet", "float32")]
-    settings = [(32, 1, None), (16, 1, None), (64, 1, None), (32, 2, None), (32, 1, "1"), (32, 1, "2x1")]
+    settings = [  # (batch size, loader threads, TensorFlow threads, JPEG scaling): the defaults first
+        (32, 1, None, True), (32, 1, None, False), (16, 1, None, True), (64, 1, None, True), (32, 2, None, True),
+        (32, 1, "1", True), (32, 1, "2x1", True),
+    ]  # fmt: skip
+    fields = ("backbone", "precision", "batch", "loader_threads", "tf_threads", "jpeg_scaling")
+    measured = {tuple(r[f] for f in fields) for r in done}
     for backbone, precision in cases:
-        for batch, threads, tf_threads in settings:
-            env_note = tf_threads or "default"
-            print(f"{backbone} {precision} batch {batch} loader {threads} tf {env_note}...", file=sys.stderr)
-            extra = ["--tf-threads", tf_threads] if tf_threads else []
-            r = child(["throughput", backbone, precision, "224", str(batch), str(threads), *extra, *paths])
-            rows.append({"backbone": backbone, "precision": precision, "batch": batch, "loader_threads": threads,
-                         "tf_threads": env_note, **r})  # fmt: skip
+        for batch, threads, tf_threads, jpeg in settings:
+            note = tf_threads or "default"
+            if (backbone, precision, batch, threads, note, jpeg) in measured:
+                continue
+            print(f"{backbone} {precision} batch {batch} loader {threads} tf {note} jpeg {jpeg}...", file=sys.stderr)
+            extra = ["--tf-threads", tf_threads] if tf_threads else []  # options before the positional paths
+            args = [backbone, precision, "224", str(batch), str(threads), str(int(jpeg))]
+            r = child([*extra, "throughput", *args, *paths])
+            values = (backbone, precision, batch, threads, note, jpeg)
+            rows.append({**dict(zip(fields, values, strict=True)), **r})
             save("tuning", {"images": n, "size": 224, "rows": rows})
-    print("| backbone | precision | batch | loader threads | TF threads | forward img/s | features@ img/s | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backbone | precision | batch | loader threads | TF threads | JPEG scaling | forward img/s "
+          "| features@ img/s | ratio |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
         print(
             f"| {r['backbone']} | {r['precision']} | {r['batch']} | {r['loader_threads']} | {r['tf_threads']} | "
-            f"{r['bare_ips']} | {r['features_ips']} | {r['ratio']:.2f} |"
+            f"{'on' if r['jpeg_scaling'] else 'off'} | {r['bare_ips']} | {r['features_ips']} | {r['ratio']:.2f} |"
         )
 
 
@@ -257,7 +280,7 @@ def main() -> None:
                 tf.config.threading.set_inter_op_parallelism_threads(int(inter))
         a = args.args
         if args.what == "throughput":
-            out = throughput(a[0], a[1], [Path(p) for p in a[5:]], int(a[2]), int(a[3]), int(a[4]))
+            out = throughput(a[0], a[1], [Path(p) for p in a[6:]], int(a[2]), int(a[3]), int(a[4]), a[5] == "1")
         elif args.what == "train":
             out = train_child(a[0], a[1], int(a[2]))
         else:

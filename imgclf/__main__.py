@@ -22,6 +22,8 @@ def predict_command(args: argparse.Namespace) -> int:
     from imgclf.predict import ensemble_backbones
 
     models_dir = Path(args.models_dir)
+    if args.ray_workers < 1 or args.ray_gpus < 0:
+        raise UserError(f"--ray-workers={args.ray_workers} must be 1 or more and --ray-gpus={args.ray_gpus} 0 or more")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
     if args.backbone == "ensemble":
@@ -32,6 +34,9 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(
             f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
         )
+    import os
+
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as the stages (repro.seed_everything)
     import tensorflow as tf
 
     from imgclf.predict import Classifier, classify, find_images
@@ -40,7 +45,13 @@ def predict_command(args: argparse.Namespace) -> int:
 
     paths = find_images(args.inputs)
     classifiers = [Classifier.load(models_dir / name) for name in names]
-    table = classify(classifiers, paths, batch_size=args.batch_size)
+    if args.engine == "ray":
+        from imgclf.predict_ray import classify_on_ray
+
+        options = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": 1}
+        table = classify_on_ray(classifiers, paths, args.batch_size, {**options, "gpus_per_worker": args.ray_gpus})
+    else:
+        table = classify(classifiers, paths, batch_size=args.batch_size)
     if args.out:
         from imgclf.io import write_csv
 
@@ -81,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--out", help="write the CSV here instead of stdout")
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward pass (memory)")
+    predict.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="local (this process) or ray (a Ray cluster)"
+    )
+    predict.add_argument(
+        "--ray-address", default="local", help="with --engine ray: local | auto | host:6379 | ray://host:10001"
+    )
+    predict.add_argument("--ray-workers", type=int, default=2, help="with --engine ray: actors running the model")
+    predict.add_argument("--ray-gpus", type=float, default=0, help="with --engine ray: GPUs per worker")
     predict.set_defaults(func=predict_command)
     render = sub.add_parser(
         "render-plots",

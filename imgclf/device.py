@@ -25,8 +25,9 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def precision_for(features: dict[str, Any], backbone: str) -> str:
-    """The precision of one backbone's pass: `features.precision`, or its entry in `precision_overrides`."""
-    return features.get("precision_overrides", {}).get(backbone, features.get("precision", "float32"))
+    """The precision of one backbone's pass: its entry in `features.precision_overrides`, unless that is null,
+    then `features.precision`."""
+    return features.get("precision_overrides", {}).get(backbone) or features.get("precision", "float32")
 
 
 def cpu_flags() -> set[str]:
@@ -41,7 +42,8 @@ def cpu_flags() -> set[str]:
 
 
 def setup_gpus() -> list[Any]:
-    """The visible GPUs, with memory growth on (TensorFlow otherwise reserves all GPU memory at start)."""
+    """The visible GPUs, with memory growth on (TensorFlow otherwise reserves all GPU memory at start; every
+    stage also sets TF_FORCE_GPU_ALLOW_GROWTH, see repro.seed_everything)."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

@@ -30,7 +30,7 @@ from imgclf.errors import UserError, log
 from imgclf.images import ImageRecipe
 from imgclf.logs import Progress
 
-INSTALL_HINT = "install it with `pip install -r requirements-ray.txt` (or set features.engine: local)"
+INSTALL_HINT = "install it with `pip install -r requirements-ray.txt`, or use the local engine"
 CONNECT_TIMEOUT_S = 5  # a quick TCP check first: Ray itself retries an unreachable head for minutes
 
 
@@ -42,19 +42,20 @@ def import_ray(address: str = "local") -> Any:
     try:
         import ray
     except ImportError:
-        raise UserError(f"features.engine is ray, but Ray is not installed; {INSTALL_HINT}") from None
+        raise UserError(f"the Ray engine needs Ray, which is not installed; {INSTALL_HINT}") from None
     return ray
 
 
-def check_reachable(address: str) -> None:
+def check_reachable(address: str, setting: str = "features.ray.address") -> None:
     """Fail in seconds, in the user's terms, when a cluster address cannot be reached at all."""
-    if address in ("local", "auto") or not address:
+    if address in ("local", "auto"):
         return
     host_port = address.removeprefix("ray://")
     host, _, port = host_port.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     if not host or not port.isdigit():
         raise UserError(
-            f"features.ray.address={address!r} is not local, auto, host:port (the head's GCS port, 6379) or "
+            f"{setting}={address!r} is not local, auto, host:port (the head's GCS port, 6379) or "
             "ray://host:port (Ray Client, 10001)"
         )
     try:
@@ -62,17 +63,18 @@ def check_reachable(address: str) -> None:
     except OSError as exc:
         raise UserError(
             f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it (`ray start --head` on "
-            "the head node), check the address and that this machine can reach it, or set features.ray.address: "
-            "local for a Ray instance on this machine"
+            f"the head node), check the address and that this machine can reach it, or set {setting} to local "
+            "for a Ray instance on this machine"
         ) from None
 
 
-def connect(options: dict[str, Any]) -> Any:
+def connect(options: dict[str, Any], setting: str = "features.ray.address") -> Any:
     """ray.init for `features.ray` (address local | auto | host:port | ray://host:port), quietly, with this
-    checkout's imgclf shipped to the workers. Returns the ray module."""
+    checkout's imgclf shipped to the workers; checks that the cluster has the CPUs and GPUs the workers ask
+    for (Ray would otherwise wait for them forever). Returns the ray module."""
     address = options["address"]
     ray = import_ray(address)
-    check_reachable(address)
+    check_reachable(address, setting)
     if ray.is_initialized():
         return ray
     package = Path(__file__).resolve().parent
@@ -86,23 +88,33 @@ def connect(options: dict[str, Any]) -> Any:
         "log_to_driver": False,  # the workers' TensorFlow start-up lines; errors come back as exceptions
         "include_dashboard": False,
     }
+    # "local" always starts a new instance (never RAY_ADDRESS or a cluster `ray start` left running here), with
+    # the CPUs the workers need; GPUs as Ray detects them (CUDA_VISIBLE_DEVICES respected), none if not asked for.
+    kwargs["address"] = address
     if address == "local":
         kwargs["num_cpus"] = options["workers"] * options["cpus_per_worker"]
-        kwargs["num_gpus"] = options["workers"] * options["gpus_per_worker"]
-    else:
-        kwargs["address"] = address
+        if not options["gpus_per_worker"]:
+            kwargs["num_gpus"] = 0
     try:
         ray.init(**kwargs)
-    except ConnectionError as exc:
-        raise UserError(f"cannot join the Ray cluster at {address}: {exc}") from None
-    except Exception as exc:  # e.g. AuthenticationError: a token is required and missing
+    except Exception as exc:  # ConnectionError, AuthenticationError, version mismatches: the user's to fix
         if type(exc).__name__ == "AuthenticationError":
             raise UserError(
                 f"the Ray cluster at {address} refused this machine: it needs the cluster's token (set "
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH, see README 'Beyond one machine')"
             ) from None
-        raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"cannot start or join the Ray cluster at {address}: {type(exc).__name__}: {first}") from None
     quiet_console(logging.getLogger("ray.data"))
+    resources = ray.cluster_resources()
+    for name, per_worker in (("CPU", options["cpus_per_worker"]), ("GPU", options["gpus_per_worker"])):
+        needed, available = per_worker * options["workers"], resources.get(name, 0)
+        if needed > available:
+            ray.shutdown()
+            raise UserError(
+                f"the Ray cluster at {address} has {available:g} {name}(s); {options['workers']} workers x "
+                f"{per_worker:g} need {needed:g}: lower the workers or the {name}s per worker, or add nodes"
+            )
     return ray
 
 
@@ -117,32 +129,56 @@ def quiet_console(logger: logging.Logger) -> None:
 
 
 class BatchModel:
-    """A Ray actor: holds one saved Keras model (extractor.keras or model.keras) and runs it on batches of
-    image paths, decoding them on the worker with the pipeline's own load_image."""
+    """A Ray actor: holds one saved Keras model (here an extractor.keras) and runs it on batches of image
+    paths, decoding them on the worker with the pipeline's own image loading. Subclasses change what is
+    loaded and how an unreadable image is handled (predict_ray.py)."""
 
-    def __init__(self, model: list[Any], image_size: int, recipe: dict[str, Any]) -> None:
+    def __init__(self, model: list[Any], image_size: int, recipe: dict[str, Any], gpus: float = 0) -> None:
         import ray
 
-        from imgclf.extractor import load_extractor
         from imgclf.repro import seed_everything
 
         seed_everything(0)  # op determinism, as in the local stages
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.keras"
             path.write_bytes(ray.get(model[0]))  # the saved model's bytes, put once in the object store
-            self.model = load_extractor(str(path))
+            self.model = self.load(str(path))
         self.image_size = image_size
         self.recipe = ImageRecipe.from_params(recipe)
+        self.gpus = gpus
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def check_device(self) -> None:
+        """A worker given a GPU whose TensorFlow cannot see it would silently run on its CPU: stop instead."""
+        if self.gpus:
+            import tensorflow as tf
+
+            if not tf.config.list_physical_devices("GPU"):
+                raise UserError(
+                    f"a Ray worker on {socket.gethostname()} was given a GPU, but its TensorFlow sees none: install "
+                    "requirements-gpu.txt on that node (and check `nvidia-smi`), or set gpus_per_worker to 0"
+                )
+            self.gpus = 0  # checked
+
+    def load(self, path: str) -> Any:
+        from imgclf.extractor import load_extractor
+
+        return load_extractor(path)
+
+    def read(self, path: str) -> tuple[np.ndarray, str]:
+        """The model's input for one path, and an error ("" when none): here any unreadable file stops the run."""
         from imgclf.features import load_or_stop
 
-        rows, outputs = [], []
+        return load_or_stop(Path(path), self.image_size, self.recipe), ""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.check_device()
+        rows, outputs, errors = [], [], []
         for start, paths in zip(batch["start"], batch["paths"], strict=True):  # one item = one local batch
-            images = np.stack([load_or_stop(Path(p), self.image_size, self.recipe) for p in paths])
-            outputs.append(np.asarray(self.model.predict_on_batch(images), dtype=np.float32))
+            images, problems = zip(*(self.read(p) for p in paths), strict=True)
+            outputs.append(np.asarray(self.model.predict_on_batch(np.stack(images)), dtype=np.float32))
             rows.append(np.arange(start, start + len(paths)))
-        return {"row": np.concatenate(rows), "output": np.concatenate(outputs)}
+            errors += problems
+        return {"row": np.concatenate(rows), "output": np.concatenate(outputs), "error": np.array(errors, dtype=str)}
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -163,10 +199,13 @@ def ray_batches(
     batch_size: int,
     recipe: ImageRecipe,
     options: dict[str, Any],
-) -> Iterator[np.ndarray]:
-    """The saved model's outputs for `paths`, computed by `options['workers']` Ray actors, yielded batch by
-    batch in row order (the same batches as the local engine's)."""
-    ray = connect(options)
+    actor: type[BatchModel] = BatchModel,
+    setting: str = "features.ray.address",
+) -> Iterator[dict[str, np.ndarray]]:
+    """The saved model's outputs for `paths` ({"row", "output", "error"} per batch), computed by
+    `options['workers']` Ray actors, yielded batch by batch in row order (the same batches as the local
+    engine's)."""
+    ray = connect(options, setting)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results in row order
     context.enable_progress_bars = False  # our own progress line reports
@@ -179,13 +218,14 @@ def ray_batches(
     ]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * options["workers"])))
     mapped = dataset.map_batches(
-        BatchModel,
+        actor,
         fn_constructor_kwargs={
             # A reference wrapped in a list: fetched by each actor, not resolved as a constructor argument
             # (Ray warns that actors with arguments in the object store cannot be restarted reliably).
             "model": [ray.put(Path(model_file).read_bytes())],
             "image_size": image_size,
             "recipe": recipe.to_dict(),
+            "gpus": options["gpus_per_worker"],
         },
         batch_size=1,  # one item: one batch of batch_size images
         batch_format="numpy",
@@ -200,15 +240,18 @@ def ray_batches(
             if not np.array_equal(rows, np.arange(expected, expected + len(rows))):
                 raise RuntimeError(f"Ray returned rows out of order at row {expected}")  # preserve_order broken
             expected += len(rows)
-            yield np.asarray(out["output"], dtype=np.float32)
+            yield out
     except ray.exceptions.RayError as exc:
         cause = unwrap(exc)
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)  # Ray appends retry notes
         if isinstance(cause, UserError):
-            raise UserError(
-                f"a Ray worker stopped: {first.rstrip('.')}. Workers read the images themselves: data.root must be "
-                "visible at the same path on every node (a shared filesystem)"
-            ) from None
+            shared = (
+                " Workers read the images themselves: data.root must be visible at the same path on every node "
+                "(a shared filesystem)"
+                if "can no longer be read" in first
+                else ""
+            )
+            raise UserError(f"a Ray worker stopped: {first.rstrip('.')}.{shared}") from None
         raise UserError(f"the Ray engine failed: {type(cause).__name__}: {first}") from None
     if expected != len(paths):
         raise RuntimeError(f"Ray returned {expected} rows for {len(paths)} images")
@@ -221,9 +264,9 @@ def ray_engine(options: dict[str, Any]) -> Callable[..., Iterator[np.ndarray]]:
         model_file: Path, paths: list[Path], image_size: int, batch_size: int, recipe: ImageRecipe, desc: str
     ) -> Iterator[np.ndarray]:
         with Progress(len(paths), f"{desc} on ray") as progress:
-            for features in ray_batches(model_file, paths, image_size, batch_size, recipe, options):
-                progress.update(len(features))
-                yield features
+            for out in ray_batches(model_file, paths, image_size, batch_size, recipe, options):
+                progress.update(len(out["row"]))
+                yield np.asarray(out["output"], dtype=np.float32)
 
     return run
 

@@ -47,6 +47,10 @@ class ImageRecipe:
     max_pixels: int = DEFAULT_MAX_PIXELS
     high_bit_depth: str = "window"
     window: tuple[float, float] = (0.5, 99.5)
+    # JPEGs at least twice the model's input size are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (its DCT
+    # scaling, Pillow's `draft`) before the resize: 2x faster on 512 px files, pixels within a few levels of a
+    # full decode. False for models recorded before this existed (their info.json has no such key).
+    jpeg_scaling: bool = False
 
     @classmethod
     def from_params(cls, data: dict[str, Any]) -> ImageRecipe:
@@ -56,6 +60,7 @@ class ImageRecipe:
             max_pixels=int(data["max_pixels"]),
             high_bit_depth=data["high_bit_depth"],
             window=tuple(data["window"]),  # type: ignore[arg-type]
+            jpeg_scaling=bool(data.get("jpeg_scaling", False)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,8 +74,12 @@ class ImageSkip(Exception):
     """The file cannot be used as an image; str(exc) is the reason recorded in the manifest."""
 
 
-def decode_image(path: str | Path, recipe: ImageRecipe = DEFAULT_RECIPE) -> tuple[Image.Image, str, str]:
-    """Fully decode `path` to an RGB 8-bit image. Returns (image, original mode, file format)."""
+def decode_image(
+    path: str | Path, recipe: ImageRecipe = DEFAULT_RECIPE, size: int | None = None
+) -> tuple[Image.Image, str, str]:
+    """Fully decode `path` to an RGB 8-bit image. Returns (image, original mode, file format). With `size` (the
+    side the image will be resized to) and `recipe.jpeg_scaling`, a large JPEG is decoded at a reduced scale
+    no smaller than `size`."""
     max_pixels = recipe.max_pixels
     previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -80,6 +89,8 @@ def decode_image(path: str | Path, recipe: ImageRecipe = DEFAULT_RECIPE) -> tupl
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 mode, fmt = im.mode, im.format or ""
+                if size and recipe.jpeg_scaling and fmt == "JPEG":
+                    im.draft(im.mode, (size, size))  # keeps the mode; the scale keeps both sides >= size
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im, recipe), mode, fmt
@@ -142,7 +153,7 @@ def to_rgb(im: Image.Image, recipe: ImageRecipe = DEFAULT_RECIPE) -> Image.Image
 
 def load_image(path: str | Path, image_size: int, recipe: ImageRecipe = DEFAULT_RECIPE) -> np.ndarray:
     """Decode and resize to (image_size, image_size, 3) float32 in 0..255: the model's raw input."""
-    im, _, _ = decode_image(path, recipe)
+    im, _, _ = decode_image(path, recipe, size=image_size)
     if im.size != (image_size, image_size):
         # Squash to a square (as Keras' image_dataset_from_directory does); bilinear with antialiasing.
         im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)

@@ -41,6 +41,7 @@ SCHEMA: dict[str, Any] = {
         "background": "rgb",
         "high_bit_depth": HIGH_BIT_DEPTH_RULES,
         "window": "percentiles",
+        "jpeg_scaling": "bool",
         "use_provided_splits": "bool",
         "label_conflicts": ("skip", "majority"),
         "near_duplicates": ("group", "report", "off"),
@@ -198,8 +199,10 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
         for bb, precision in value.items():
             if bb not in BACKBONES:
                 raise UserError(f"{name} names unknown backbone {bb!r}; known backbones: {', '.join(BACKBONES)}")
-            if precision not in PRECISIONS:
-                raise UserError(f"{name}.{bb}={precision!r} is not one of: {', '.join(PRECISIONS)}")
+            if precision is not None and precision not in PRECISIONS:
+                raise UserError(
+                    f"{name}.{bb}={precision!r} is not one of: {', '.join(PRECISIONS)} (or null: features.precision)"
+                )
         return dict(value)
     if rule == "overrides":
         value = value or {}
@@ -236,6 +239,13 @@ def _check_cross(params: dict[str, Any]) -> None:
         raise UserError(
             f"train.overrides has no entry for {', '.join(missing)}; add `{missing[0]}: {{}}` under train.overrides "
             "(one entry per backbone in backbones, empty for none)"
+        )
+    # features@<bb> tracks only features.precision_overrides.<bb> (so an override reruns that backbone alone).
+    missing = [bb for bb in params["backbones"] if bb not in params["features"]["precision_overrides"]]
+    if missing:
+        raise UserError(
+            f"features.precision_overrides has no entry for {', '.join(missing)}; add `{missing[0]}: null` under it "
+            "(one entry per backbone in backbones; null uses features.precision)"
         )
     augment = params["augment"]
     for key, limit, meaning in (

@@ -42,6 +42,7 @@ class Classifier:
     extractor: Any
     head: Any
     info: dict[str, Any]
+    model_file: Path | None = None  # the saved end-to-end model it was loaded from
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Classifier:
@@ -55,7 +56,8 @@ class Classifier:
             )
         full = load_model(str(model_dir / MODEL_FILE))
         info = read_json(model_dir / "info.json")
-        return cls(info["backbone"], full.get_layer(f"{info['backbone']}_extractor"), full.get_layer("head"), info)
+        extractor, head = full.get_layer(f"{info['backbone']}_extractor"), full.get_layer("head")
+        return cls(info["backbone"], extractor, head, info, model_dir / MODEL_FILE)
 
     @property
     def recipe(self) -> ImageRecipe:
@@ -117,11 +119,8 @@ def readable(paths: list[Path], recipe: ImageRecipe = DEFAULT_RECIPE) -> dict[Pa
     return errors
 
 
-def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int = 32, chunk: int = 512) -> pd.DataFrame:
-    """CSV-ready predictions: path, predicted, one probability per class, error. With several classifiers,
-    their probabilities are averaged (soft voting). Processed in chunks so memory stays flat."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size={batch_size} must be a positive number of images per forward pass")
+def check_compatible(classifiers: list[Classifier]) -> list[str]:
+    """The classes shared by every classifier of an ensemble (and the same image recipe), or a UserError."""
     classes = classifiers[0].classes
     for c in classifiers[1:]:
         if c.classes != classes:
@@ -134,7 +133,35 @@ def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int =
                 f"{classifiers[0].name} and {c.name} decode images differently ({classifiers[0].recipe} vs "
                 f"{c.recipe}); an ensemble needs models trained together: rerun `dvc repro`"
             )
+    return classes
+
+
+def table_rows(paths: list[Path], probs: dict[Path, np.ndarray], errors: dict[Path, str], classes: list[str]) -> list:
+    """One CSV row per path: the predicted class and probabilities, or the error that kept it from a label."""
     columns = probability_columns(classes)
+    rows = []
+    for p in paths:
+        row: dict[str, Any] = {"path": str(p)}
+        if p in errors:
+            row.update({"predicted": "", **dict.fromkeys(columns, ""), "error": errors[p]})
+        else:
+            row.update(
+                {
+                    "predicted": classes[int(probs[p].argmax())],
+                    **{c: format_probability(v) for c, v in zip(columns, probs[p], strict=True)},
+                    "error": "",
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int = 32, chunk: int = 512) -> pd.DataFrame:
+    """CSV-ready predictions: path, predicted, one probability per class, error. With several classifiers,
+    their probabilities are averaged (soft voting). Processed in chunks so memory stays flat."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size={batch_size} must be a positive number of images per forward pass")
+    classes = check_compatible(classifiers)
     rows = []
     with Progress(len(paths), "predict") as bar:
         for start in range(0, len(paths), chunk):
@@ -146,22 +173,9 @@ def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int =
                 if good:
                     probs += clf.predict_features(clf.features(good, batch_size))
             probs /= len(classifiers)
-            by_path = dict(zip(good, probs, strict=True))
-            for p in part:
-                row: dict[str, Any] = {"path": str(p)}
-                if p in errors:
-                    row.update({"predicted": "", **dict.fromkeys(columns, ""), "error": errors[p]})
-                else:
-                    row.update(
-                        {
-                            "predicted": classes[int(by_path[p].argmax())],
-                            **{c: format_probability(v) for c, v in zip(columns, by_path[p], strict=True)},
-                            "error": "",
-                        }
-                    )
-                rows.append(row)
+            rows += table_rows(part, dict(zip(good, probs, strict=True)), errors, classes)
             bar.update(len(part))
-    return pd.DataFrame(rows, columns=["path", "predicted", *columns, "error"])
+    return pd.DataFrame(rows, columns=["path", "predicted", *probability_columns(classes), "error"])
 
 
 __all__ = ["Classifier", "classify", "find_images", "load_image"]

@@ -65,7 +65,7 @@ class RowReader:
         return out[inverse]
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if getattr(self, "fd", -1) >= 0:  # also after a failed __init__
             os.close(self.fd)
             self.fd = -1
 

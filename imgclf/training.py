@@ -93,6 +93,7 @@ def fit_head(
     history = head.fit(
         train,
         validation_data=val,
+        shuffle=False,  # FeatureBatches shuffles itself, seeded; Keras would also reorder its batches
         epochs=params["epochs"],
         callbacks=[stopper, *callbacks],
         verbose=0,  # the LiveLogger writes one line per epoch

@@ -42,32 +42,35 @@ def main() -> None:
 
     images = read_csv(args.images)
     precision = precision_for(features, backbone.name)
-    check_precision(precision, backbone.name)
+    on_ray = features["engine"] == "ray"
+    if not (on_ray and features["ray"]["gpus_per_worker"] > 0):  # else the workers' GPUs run it (they check)
+        check_precision(precision, backbone.name)
     with dtype_policy(precision):  # the backbone's layers compute in this precision (variables stay float32)
         model, weights = build_backbone(backbone, features["image_size"], features["weights"])
     extractor = build_extractor(model, backbone.name, features["image_size"], features["preprocessing"])
     start = time.perf_counter()
-    info = compute_features(
-        extractor,
-        images,
-        root=params["data"]["root"],
-        out_dir=args.out_dir,
-        image_size=features["image_size"],
-        batch_size=features["batch_size"],
-        info={
-            "backbone": backbone.name,
-            "image_size": features["image_size"],
-            "preprocessing": features["preprocessing"],
-            "precision": precision,
-            **weights,
-        },
-        recipe=ImageRecipe.from_params(params["data"]),
-        engine=ray_engine(features["ray"]) if features["engine"] == "ray" else None,
-    )
-    where = "this process"
-    if features["engine"] == "ray":
-        shutdown()
-        where = f"ray at {features['ray']['address']}, {features['ray']['workers']} workers"
+    try:
+        info = compute_features(
+            extractor,
+            images,
+            root=params["data"]["root"],
+            out_dir=args.out_dir,
+            image_size=features["image_size"],
+            batch_size=features["batch_size"],
+            info={
+                "backbone": backbone.name,
+                "image_size": features["image_size"],
+                "preprocessing": features["preprocessing"],
+                "precision": precision,
+                **weights,
+            },
+            recipe=ImageRecipe.from_params(params["data"]),
+            engine=ray_engine(features["ray"]) if on_ray else None,
+        )
+    finally:
+        if on_ray:
+            shutdown()
+    where = f"ray at {features['ray']['address']}, {features['ray']['workers']} workers" if on_ray else "this process"
     seconds = time.perf_counter() - start
     log.info(
         "features@%s: %d backbone passes (one per unique image of train, val and test) -> %s in %.1f s "

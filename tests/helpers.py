@@ -28,7 +28,7 @@ TINY = {
     # The end-to-end runs exercise both precisions: VGG16's pass (and its fine-tuning, evaluate, predict) in
     # bfloat16, MobileNet's in float32 through the per-backbone override.
     "features.precision": "bfloat16",
-    "features.precision_overrides": {"mobilenet": "float32"},
+    "features.precision_overrides": {"vgg16": None, "mobilenet": "float32"},
     "train.epochs": 6,
     "train.early_stopping.patience": 3,
     "evaluate.bootstrap": 200,

@@ -1,57 +1,81 @@
-"""features.engine: ray runs the same backbone pass on a Ray cluster: the same files, bit for bit on CPU, and
-one-line errors in the user's terms. The cluster here is a local Ray instance with two workers."""
+"""features.engine: ray (and predict --engine ray) runs the same backbone pass on a Ray cluster: the same files,
+bit for bit on CPU, and one-line errors in the user's terms. The cluster here is a local Ray instance with two
+workers."""
 
 from __future__ import annotations
 
 import builtins
+import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-from helpers import TINY, dvc, env, make_dataset, make_project, update_params
+from helpers import dvc, env, update_params
 
 from imgclf.errors import UserError
 
 pytestmark = pytest.mark.slow
-ray = pytest.importorskip("ray", reason="the Ray engine's tests need `pip install -r requirements-ray.txt`")
 
 RAY = {"address": "local", "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
 
 
 def features_stage(project: Path, out: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "stages.features", "mobilenet", "--images", "data/split/images.csv", "--out-dir", out]
+    cmd = [sys.executable, "-m", "stages.features", "vgg16", "--images", "data/split/images.csv", "--out-dir", out]
     return subprocess.run(cmd, cwd=project, env=env(project), capture_output=True, text=True)
 
 
-def test_the_ray_engine_writes_the_local_engines_features_bit_for_bit(tmp_path: Path) -> None:
-    project = make_project(tmp_path, {**TINY, "backbones": ["mobilenet"], "features.batch_size": 8})
-    make_dataset(project / "images", {"hbar": 14, "vbar": 12, "ring": 10}, size=40, rgb=True)
-    dvc(project, "repro", "features@mobilenet")  # the local engine, as the pipeline runs it
-    local = project / "data/features/mobilenet"
+def predict(project: Path, *args: str) -> pd.DataFrame:
+    cmd = [sys.executable, "-m", "imgclf", "predict", "--backbone", "mobilenet", *args]  # its pass in float32
+    result = subprocess.run(cmd, cwd=project, env=env(project), capture_output=True, text=True)
+    assert result.returncode == 3, result.stderr  # 3: one image could not be read
+    assert "Traceback" not in result.stderr and "WARNING" not in result.stderr
+    return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False)
 
+
+def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_path: Path) -> None:
+    """On the trained tiny project: features@vgg16 (bfloat16) on Ray writes the local engine's files bit for bit;
+    predict with MobileNet (float32) on Ray gives the local table; a worker that cannot read an image stops
+    features@ with one line."""
+    project = copy_of
     update_params(project, {"features.engine": "ray", "features.ray": RAY})
-    result = features_stage(project, "ray_features")
+    result = features_stage(project, "ray_features")  # 38 images: two batches of up to 32, one per worker
     assert result.returncode == 0, result.stderr
-    remote = project / "ray_features"
-    assert np.array_equal(np.load(remote / "features.npy"), np.load(local / "features.npy"))  # 36 images, 5 batches
+    assert "Traceback" not in result.stderr and "WARNING" not in result.stderr and "core_worker" not in result.stderr
+    remote, local = project / "ray_features", project / "data/features/vgg16"
+    assert np.array_equal(np.load(remote / "features.npy"), np.load(local / "features.npy"))
     for name in ("features.npy", "index.csv", "info.json", "extractor.keras"):
         assert (remote / name).read_bytes() == (local / name).read_bytes(), name
-    assert "float32, ray at local, 2 workers)" in (project / "logs/imgclf.log").read_text()
-    assert "Traceback" not in result.stderr and "WARNING" not in result.stderr and "core_worker" not in result.stderr
-    # Where the pass runs is not a dependency: switching the engine leaves features@ up to date.
-    assert "features@mobilenet" not in dvc(project, "status", "features@mobilenet").stdout
+    assert "bfloat16, ray at local, 2 workers)" in (project / "logs/imgclf.log").read_text()
+    # Where the pass runs is not a dependency: switching the engine leaves features@ as it is.
+    assert "features@" not in dvc(project, "status").stdout
 
-    # A worker that cannot read an image: one line naming the file and the shared-filesystem requirement.
+    folder = tmp_path / "new images"
+    folder.mkdir()
+    for src in sorted((project / "images").rglob("*.png"))[:10]:
+        shutil.copy(src, folder / f"{src.parent.name}_{src.name}")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    on_ray = predict(project, "--engine", "ray", str(folder))
+    here = predict(project, str(folder))
+    assert list(on_ray.path) == list(here.path) and list(on_ray.predicted) == list(here.predicted)
+    assert list(on_ray.error.str.slice(0, 40)) == list(here.error.str.slice(0, 40))  # the corrupt file's row
+    columns = [c for c in here.columns if c.startswith("p_")]
+    good = here.error == ""
+    np.testing.assert_allclose(
+        on_ray.loc[good, columns].astype(float), here.loc[good, columns].astype(float), atol=1e-5
+    )
+
     victim = sorted((project / "images/ring").glob("*.png"))[0]
     victim.unlink()
     result = features_stage(project, "ray_features_2")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    error = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(error) == 1, result.stderr[-3000:]
-    assert victim.name in error[0] and "shared filesystem" in error[0]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert victim.name in errors[0] and "shared filesystem" in errors[0]
     assert not (project / "ray_features_2").exists()  # nothing half-written
 
 
@@ -66,7 +90,7 @@ def test_ray_not_installed_is_one_line_with_the_install_command(monkeypatch) -> 
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    with pytest.raises(UserError, match=r"Ray is not installed; install it with `pip install -r requirements-ray.txt`"):
+    with pytest.raises(UserError, match=r"needs Ray, which is not installed; install it with `pip install -r req"):
         import_ray()
 
 

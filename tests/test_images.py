@@ -72,3 +72,24 @@ def test_a_file_that_no_longer_decodes_stops_features_with_one_line(tmp_path: Pa
     Image.new("L", (40, 40)).save(tmp_path / "big.png")
     with pytest.raises(UserError, match=r"big.png can no longer be read \(decompression bomb"):
         load_or_stop(tmp_path / "big.png", 32, ImageRecipe(max_pixels=100))
+
+
+def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_pixels(tmp_path) -> None:
+    """data.jpeg_scaling: a 512 px JPEG for a 224 px model is decoded at 256 px by libjpeg, then resized; the
+    result differs from a full decode by a few grey levels at most, on average well under one."""
+    from imgclf.images import ImageRecipe, decode_image, load_image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:512, :512]
+    smooth = (127 + 100 * np.sin(xx / 37.0) * np.cos(yy / 23.0))[..., None] + rng.normal(0, 4, (512, 512, 3))
+    path = tmp_path / "scan.jpg"
+    Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8)).save(path, quality=90)
+    scaled, full = ImageRecipe(jpeg_scaling=True), ImageRecipe(jpeg_scaling=False)
+    assert decode_image(path, scaled, size=224)[0].size == (256, 256)  # 1/2 scale: the smallest >= 224
+    assert decode_image(path, scaled, size=100)[0].size == (128, 128)  # 1/4
+    assert decode_image(path, scaled)[0].size == (512, 512)  # no size given (prepare, hashing): full decode
+    difference = np.abs(load_image(path, 224, scaled) - load_image(path, 224, full))
+    assert difference.mean() < 1.0 and difference.max() < 20
+    # A model recorded before the option existed decodes as it was trained: in full.
+    assert not ImageRecipe.from_params({"background": [0, 0, 0], "max_pixels": 10**8, "high_bit_depth": "window",
+                                        "window": [0.5, 99.5]}).jpeg_scaling  # fmt: skip

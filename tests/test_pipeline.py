@@ -107,25 +107,6 @@ def test_predict_reproduces_evaluate(trained: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(predicted[columns].to_numpy(), evaluated[columns].to_numpy(), atol=2e-6)
 
 
-def test_head_param_change_retrains_without_recomputing_features(copy_of: Path) -> None:
-    update_params(copy_of, {"train.dropout": 0.1})
-    status = dvc(copy_of, "status").stdout
-    assert "train@vgg16" in status and "features@vgg16" not in status
-    out = dvc(copy_of, "repro").stdout
-    for bb in BACKBONES:
-        assert f"Stage 'features@{bb}' didn't change, skipping" in out
-        assert f"Running stage 'train@{bb}'" in out and f"Running stage 'evaluate@{bb}'" in out
-
-
-def test_exp_run_then_metrics_diff_lists_every_backbone(copy_of: Path) -> None:
-    dvc(copy_of, "exp", "run", "-S", "train.lr=0.003")
-    diff = dvc(copy_of, "metrics", "diff", "--all", "--md").stdout
-    for name in BACKBONES:
-        assert f"metrics/backbones/{name}.json" in diff
-    assert "metrics/ensemble.json" in diff
-    assert "train.lr" in dvc(copy_of, "exp", "show", "--md").stdout
-
-
 def test_fine_tuning_runs_end_to_end_and_evaluates_the_tuned_model(copy_of: Path) -> None:
     update_params(copy_of, {"backbones": ["vgg16"], "fine_tune.layers": 2, "fine_tune.epochs": 1})
     out = dvc(copy_of, "repro", "evaluate@vgg16").stdout

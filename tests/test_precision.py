@@ -53,8 +53,10 @@ def test_bfloat16_features_make_the_same_decisions_as_float32() -> None:
     for precision in ("float32", "bfloat16"):
         extractor = extractor_in(precision)
         assert model_precision(extractor) == precision
+        # The feature map leaves the extractor as float32 (its last layer casts), whatever the compute precision.
+        assert extractor.output.dtype == "float32"
+        assert extractor.predict_on_batch(np.zeros((1, 64, 64, 3), dtype=np.float32)).dtype == np.float32
         features[precision] = np.concatenate(list(iter_features(extractor, paths, 64, 32, desc=precision)))
-        assert features[precision].dtype == np.float32
     f32, bf16 = features["float32"], features["bfloat16"]
     relative = np.abs(bf16 - f32).max() / np.abs(f32).max()
     assert 0 < relative < 0.05, relative  # bfloat16 keeps 8 significant bits: different, but close
@@ -129,8 +131,21 @@ def test_bfloat16_on_a_cpu_without_bfloat16_units_warns(monkeypatch, caplog) -> 
     assert caplog.text == ""
 
 
-def test_features_that_underflow_or_overflow_stop_before_anything_is_written() -> None:
-    from imgclf.features import check_values
+def test_features_that_underflow_or_overflow_stop_before_anything_is_written(tmp_path: Path) -> None:
+    from imgclf.features import check_values, compute_features
+
+    class Underflowing:  # an extractor whose activations all flush to zero (random-init MobileNet in float16)
+        output = type("Tensor", (), {"shape": (None, 2, 2, 8)})()
+
+        def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+            return np.zeros((len(batch), 2, 2, 8), dtype=np.float16)
+
+    paths, _, _ = sample_split(per_class=2)
+    images = pd.DataFrame({"sha256": [f"{i:064x}" for i in range(len(paths))], "path": [str(p) for p in paths]})
+    info = {"backbone": "mobilenet", "precision": "float16"}
+    with pytest.raises(UserError, match=r"features@mobilenet: every feature value is 0 in float16"):
+        compute_features(Underflowing(), images, "/", tmp_path / "features", 32, 4, info)
+    assert list(tmp_path.iterdir()) == []  # no features directory, complete or not
 
     with pytest.raises(UserError, match=r"every feature value is 0 in float16 .*bfloat16"):
         check_values("features@mobilenet", nonfinite=0, nonzero=0, images=10, precision="float16")
@@ -147,14 +162,16 @@ def test_precision_params_are_validated_with_the_fix() -> None:
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["features"]["precision"] = "bfloat16"
-    params["features"]["precision_overrides"] = {"mobilenet": "float32"}
+    params["features"]["precision_overrides"]["mobilenet"] = "float32"
     checked = validate(params)
-    assert precision_for(checked["features"], "vgg16") == "bfloat16"
+    assert precision_for(checked["features"], "vgg16") == "bfloat16"  # null: features.precision
     assert precision_for(checked["features"], "mobilenet") == "float32"
+    every = {"vgg16": None, "vgg19": None, "mobilenet": None, "xception": None}
     for key, value, message in (
         ("precision", "half", "features.precision='half' is not one of: float32, bfloat16, float16"),
-        ("precision_overrides", {"resnet": "float32"}, "unknown backbone 'resnet'"),
-        ("precision_overrides", {"vgg16": "fp16"}, "features.precision_overrides.vgg16='fp16' is not one of"),
+        ("precision_overrides", {**every, "resnet": "float32"}, "unknown backbone 'resnet'"),
+        ("precision_overrides", {**every, "vgg16": "fp16"}, "features.precision_overrides.vgg16='fp16' is not one of"),
+        ("precision_overrides", {"vgg16": None}, "features.precision_overrides has no entry for vgg19, mobilenet"),
     ):
         bad = yaml.safe_load((ROOT / "params.yaml").read_text())
         bad["features"][key] = value

@@ -1,0 +1,71 @@
+"""`imgclf predict --engine ray`: classify a large folder on the Ray cluster that computes the features.
+
+Each worker loads the trained end-to-end model (models/<bb>/model.keras: the extractor, in the precision it
+was trained with, then the head) and the images it is given; an unreadable image gets an error row, as with
+the local engine, and does not stop the rest. The driver holds one probability row per image (K numbers),
+never images or feature maps. An ensemble runs one pass per backbone and averages, as locally.
+
+Kept apart from predict.py so that evaluate@ (which uses predict.Classifier) does not depend on the Ray code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from imgclf.distributed import BatchModel, ray_batches
+from imgclf.evaluation import probability_columns
+from imgclf.images import ImageSkip, load_image
+from imgclf.logs import Progress
+from imgclf.predict import Classifier, check_compatible, table_rows
+
+
+class ClassifierModel(BatchModel):
+    """A Ray actor holding a trained model.keras; unreadable images become error rows, not failures."""
+
+    def load(self, path: str) -> Any:
+        from imgclf.model import load_model
+
+        return load_model(path)
+
+    def read(self, path: str) -> tuple[np.ndarray, str]:
+        blank = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
+        try:
+            return load_image(Path(path), self.image_size, self.recipe), ""
+        except ImageSkip as exc:
+            return blank, str(exc)
+        except OSError as exc:
+            return blank, f"unreadable ({exc.strerror or exc})"
+
+
+def classify_on_ray(
+    classifiers: list[Classifier], paths: list[Path], batch_size: int, options: dict[str, Any]
+) -> pd.DataFrame:
+    """predict.classify's table, computed by Ray workers (same columns, same error rows)."""
+    from imgclf.distributed import shutdown
+
+    classes = check_compatible(classifiers)
+    probs = np.zeros((len(paths), len(classes)))
+    errors: dict[Path, str] = {}
+    try:
+        for clf in classifiers:
+            done = 0
+            with Progress(len(paths), f"predict {clf.name} on ray") as bar:
+                for out in ray_batches(
+                    clf.model_file, paths, clf.image_size, batch_size, clf.recipe, options,  # type: ignore[arg-type]
+                    actor=ClassifierModel, setting="--ray-address",
+                ):  # fmt: skip
+                    n = len(out["row"])
+                    probs[done : done + n] += np.asarray(out["output"], dtype=np.float64)
+                    for i in np.flatnonzero(out["error"] != ""):
+                        errors[paths[done + i]] = str(out["error"][i])
+                    done += n
+                    bar.update(n)
+    finally:
+        shutdown()
+    probs /= len(classifiers)
+    rows = table_rows(paths, dict(zip(paths, probs, strict=True)), errors, classes)
+    return pd.DataFrame(rows, columns=["path", "predicted", *probability_columns(classes), "error"])
