@@ -11,7 +11,7 @@ has no bfloat16, and float16 storage would flush random-init MobileNet's ~1e-20 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,23 +41,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def setup_gpus() -> list[Any]:
-    """The visible GPUs, with memory growth on (TensorFlow otherwise reserves all GPU memory at start; every
-    stage also sets TF_FORCE_GPU_ALLOW_GROWTH, see repro.seed_everything)."""
+def visible_gpus() -> list[Any]:
+    """The GPUs TensorFlow sees. (Memory growth on them is set once for every stage, by the environment:
+    repro.seed_everything sets TF_FORCE_GPU_ALLOW_GROWTH.)"""
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        with suppress(RuntimeError):  # already initialised in this process: growth cannot change any more
-            tf.config.experimental.set_memory_growth(gpu, True)
-    return gpus
+    return tf.config.list_physical_devices("GPU")
 
 
 def check_precision(precision: str, backbone: str, gpus: list[Any] | None = None) -> None:
     """Stop on a precision this machine cannot run well; warn where it runs but slower than float32."""
     if precision == "float32":
         return
-    gpus = setup_gpus() if gpus is None else gpus
+    gpus = visible_gpus() if gpus is None else gpus
     if gpus:
         return
     if precision == "float16":

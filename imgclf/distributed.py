@@ -150,9 +150,9 @@ class BatchModel:
     def check_device(self) -> None:
         """A worker given a GPU whose TensorFlow cannot see it would silently run on its CPU: stop instead."""
         if self.gpus:
-            import tensorflow as tf
+            from imgclf.device import visible_gpus
 
-            if not tf.config.list_physical_devices("GPU"):
+            if not visible_gpus():
                 raise UserError(
                     f"a Ray worker on {socket.gethostname()} was given a GPU, but its TensorFlow sees none: install "
                     "requirements-gpu.txt on that node (and check `nvidia-smi`), or set gpus_per_worker to 0"
