@@ -1,8 +1,8 @@
-"""Command line: `python -m imgclf predict ...` and `python -m imgclf render-plots ...` (also installed as
-`imgclf ...`).
+"""Command line: `python -m imgclf predict | verify | diff | render-plots ...` (also installed as `imgclf ...`).
 
-Exit codes: 0 every image classified; 3 some images could not be read (they get a row with the
-error and no label); 2 a usage problem (no such model, unknown backbone, no input).
+Exit codes: 0 success (every image classified; reproduced; diff printed); 1 `verify` found a model that
+differs beyond noise; 3 some images could not be read (they get a row with the error and no label); 2 a usage
+problem (no such model, unknown backbone or revision, no input, test sets that cannot be paired).
 """
 
 from __future__ import annotations
@@ -77,6 +77,37 @@ def render_command(args: argparse.Namespace) -> int:
     return 0
 
 
+DIFFERS_EXIT = 1
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from imgclf.experiments import BEYOND, WORKSPACE, judge_all, overall, verify_report
+
+    judgements, notes = judge_all(args.against, WORKSPACE, args.alpha, args.resamples, 0.95, args.seed)
+    print(verify_report(judgements, (args.against, WORKSPACE), args.alpha))
+    for note in notes:
+        print(f"note: {note}")
+    return DIFFERS_EXIT if overall(judgements) == BEYOND else 0
+
+
+def diff_command(args: argparse.Namespace) -> int:
+    from imgclf.experiments import diff_report, judge_all
+
+    judgements, notes = judge_all(args.a, args.b, args.alpha, args.resamples, 0.95, args.seed)
+    print(diff_report(judgements, (args.a, args.b), args.alpha, markdown=args.md))
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _significance_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--alpha", type=float, default=0.05, help="family-wise significance level over all models (default: 0.05)"
+    )
+    parser.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples (default: 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description="imgclf: classify images with trained models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ray-workers", type=int, default=2, help="with --engine ray: actors running the model")
     predict.add_argument("--ray-gpus", type=float, default=0, help="with --engine ray: GPUs per worker")
     predict.set_defaults(func=predict_command)
+    verify = sub.add_parser(
+        "verify",
+        help="is the workspace a reproduction of REV's committed results? identical / within noise / beyond",
+        description="Compare the workspace's test predictions with those committed at REV, model by model.",
+    )
+    verify.add_argument("--against", default="HEAD", help="git revision or experiment name (default: HEAD)")
+    _significance_options(verify)
+    verify.set_defaults(func=verify_command)
+    diff = sub.add_parser(
+        "diff",
+        help="compare two experiments on the same test images, with paired intervals and McNemar's test",
+        description="Compare B with A per model: accuracy and macro F1 changes with paired bootstrap intervals.",
+    )
+    diff.add_argument("a", help="git revision, experiment name (dvc exp show), or workspace")
+    diff.add_argument("b", help="git revision, experiment name (dvc exp show), or workspace")
+    diff.add_argument("--md", action="store_true", help="a Markdown table, ready to paste into a pull request")
+    _significance_options(diff)
+    diff.set_defaults(func=diff_command)
     render = sub.add_parser(
         "render-plots",
         help="render the DVC charts to PNG or SVG, offline (vl-convert)",

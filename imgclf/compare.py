@@ -31,13 +31,14 @@ def ensemble_probabilities(prediction_files: list[Path]) -> tuple[pd.DataFrame, 
         frames.append(frame)
         probs.append(p / p.sum(axis=1, keepdims=True))
     mean = np.mean(probs, axis=0)
-    return frames[0][["path", "actual"]], classes or [], mean / mean.sum(axis=1, keepdims=True)
+    keep = [c for c in ("path", "actual", "group") if c in frames[0]]
+    return frames[0][keep], classes or [], mean / mean.sum(axis=1, keepdims=True)
 
 
-def summary_row(name: str, metrics: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """One row of the comparison: the model's name, `extra` (validation numbers, parameter counts), and the
-    same headline numbers that evaluate tracks as metrics."""
-    return {"model": name, **extra, **headline(metrics)}
+def summary_row(name: str, report: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """One row of the comparison: the model's name, the same headline numbers that evaluate tracks as metrics
+    (validation first), and `extra` (parameter counts)."""
+    return {"model": name, **headline(report, report["validation"]), **extra}
 
 
 def pick_best(summary: pd.DataFrame) -> str:

@@ -41,6 +41,43 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# CPU flags that decide which kernels oneDNN and Eigen pick, and so the last bits of a float result. Two machines
+# that agree on the vendor and on these flags ran the same kernels (measured: an Intel Xeon with AMX and an AMD
+# EPYC Zen 4 without it gave bit-identical VGG16 features but different MobileNet features and head training).
+KERNEL_CPU_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c",
+    "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def platform_record() -> dict[str, Any]:
+    """Where a result was computed, in the terms that decide its bits: CPU vendor, the kernel-selecting flags
+    it has, the GPUs TensorFlow sees, and the versions of TensorFlow, Keras and NumPy. No host name, no timing:
+    the same type of machine gives the same record and so the same bytes."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    flags = cpu_flags()
+    return {
+        "cpu_vendor": vendor,
+        "cpu_flags": [f for f in KERNEL_CPU_FLAGS if f in flags],
+        "gpus": sorted({getattr(d, "name", str(d)) for d in visible_gpus()}),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+    }
+
+
 def visible_gpus() -> list[Any]:
     """The GPUs TensorFlow sees. (Memory growth on them is set once for every stage, by the environment:
     repro.seed_everything sets TF_FORCE_GPU_ALLOW_GROWTH.)"""

@@ -15,13 +15,13 @@ from sklearn.metrics import (
     accuracy_score,
     classification_report,
     confusion_matrix,
-    f1_score,
     log_loss,
     precision_recall_fscore_support,
     roc_auc_score,
 )
 
 from imgclf.io import read_csv, write_csv, write_json, write_text
+from imgclf.significance import bootstrap_interval
 
 DIGITS = 6  # metrics are rounded so that diffs stay readable; far below any meaningful difference
 
@@ -46,36 +46,32 @@ def format_probability(value: float) -> str:
     return f"{value:.8f}"
 
 
-def predictions_frame(paths: list[str], actual: list[str], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """path, actual, predicted, and one probability column per class."""
-    frame = pd.DataFrame({"path": paths, "actual": actual, "predicted": np.asarray(classes)[probs.argmax(axis=1)]})
+def _groups(groups: list[str] | None) -> np.ndarray | None:
+    return None if groups is None else np.asarray(groups, dtype=object)
+
+
+def predictions_frame(
+    paths: list[str], actual: list[str], probs: np.ndarray, classes: list[str], groups: list[str] | None = None
+) -> pd.DataFrame:
+    """path, actual, [group,] predicted, and one probability column per class."""
+    frame = pd.DataFrame({"path": paths, "actual": actual})
+    if groups is not None:
+        frame["group"] = list(groups)
+    frame["predicted"] = np.asarray(classes)[probs.argmax(axis=1)]
     return pd.concat([frame, pd.DataFrame(probs, columns=probability_columns(classes))], axis=1)
 
 
-def bootstrap_interval(
-    y_true: np.ndarray, y_pred: np.ndarray, n: int, confidence: float, seed: int, n_classes: int
-) -> dict[str, list[float]]:
-    """Percentile bootstrap intervals (resampling test images with replacement) for accuracy and macro F1.
-
-    Macro F1 averages over the same `n_classes` classes as the point estimate in every resample, so the
-    interval is an interval of that very statistic."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n_classes)
-    acc, f1 = np.empty(n), np.empty(n)
-    for i in range(n):
-        idx = rng.integers(0, len(y_true), len(y_true))
-        acc[i] = np.mean(y_true[idx] == y_pred[idx])
-        f1[i] = f1_score(y_true[idx], y_pred[idx], labels=labels, average="macro", zero_division=0)
-    tail = (1 - confidence) / 2 * 100
-    return {
-        "accuracy": [_r(np.percentile(acc, tail)), _r(np.percentile(acc, 100 - tail))],
-        "macro_f1": [_r(np.percentile(f1, tail)), _r(np.percentile(f1, 100 - tail))],
-    }
-
-
 def compute_metrics(
-    actual: list[str], probs: np.ndarray, classes: list[str], n_bootstrap: int, confidence: float, seed: int
+    actual: list[str],
+    probs: np.ndarray,
+    classes: list[str],
+    n_bootstrap: int,
+    confidence: float,
+    seed: int,
+    groups: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Every number of one model on one split. The bootstrap resamples whole `groups` (identical files and
+    near-copies share one) where they are given, single images otherwise."""
     index = {c: i for i, c in enumerate(classes)}
     y_true = np.array([index[a] for a in actual])
     y_pred = probs.argmax(axis=1)
@@ -103,17 +99,26 @@ def compute_metrics(
         metrics["roc_auc_ovr_macro"] = _r(auc)
     else:  # AUC is undefined for a class absent from the test split
         metrics["roc_auc_ovr_macro"] = None
-    ci = bootstrap_interval(y_true, y_pred, n_bootstrap, confidence, seed, len(classes))
-    metrics["ci"] = {"level": confidence, "resamples": n_bootstrap, **ci}
+    ci = bootstrap_interval(y_true, y_pred, len(classes), n_bootstrap, confidence, seed, _groups(groups))
+    metrics["ci"] = {
+        "level": confidence,
+        "resamples": n_bootstrap,
+        "resampled": "groups" if groups is not None else "images",
+        "groups": len(set(groups)) if groups is not None else len(y_true),
+        **{name: [_r(x) for x in bounds] for name, bounds in ci.items()},
+    }
     return metrics
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numbers tracked as DVC metrics, eight per model, so that `dvc exp show` and `dvc metrics diff` stay
-    readable: accuracy and macro F1 with their bootstrap interval, ROC AUC, log loss. Everything else
-    (per class, weighted, macro precision and recall, the interval's level) is in report.json beside it."""
+def headline(metrics: dict[str, Any], validation: dict[str, float]) -> dict[str, Any]:
+    """The numbers tracked as DVC metrics, ten per model, so that `dvc exp show` and `dvc metrics diff` stay
+    readable: validation accuracy and loss first (what a winner is chosen on), then the test numbers (what the
+    chosen model is reported with): accuracy and macro F1 with their bootstrap interval, ROC AUC, log loss.
+    Everything else (per class, weighted, macro precision and recall, the interval's level) is in report.json."""
     ci = metrics["ci"]
     return {
+        "val_accuracy": validation["accuracy"],
+        "val_loss": validation["loss"],
         "accuracy": metrics["accuracy"],
         "accuracy_low": ci["accuracy"][0],
         "accuracy_high": ci["accuracy"][1],
@@ -136,16 +141,20 @@ def evaluate_and_write(
     n_bootstrap: int,
     confidence: float,
     seed: int,
+    validation: dict[str, float],
+    groups: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write the headline metrics JSON (a DVC metric), and in plot_dir report.json (every number),
-    predictions.csv, classification_report.txt and confusion.png for one model. Returns every number."""
+    """Write the headline metrics JSON (a DVC metric: `validation`'s accuracy and loss, then the test numbers),
+    and in plot_dir report.json (every number), predictions.csv, classification_report.txt and confusion.png
+    for one model. Returns every number."""
     from imgclf.plots import confusion_heatmap
 
     plot_dir = Path(plot_dir)
-    metrics = compute_metrics(actual, probs, classes, n_bootstrap, confidence, seed)
-    write_json(metrics_path, headline(metrics))
+    metrics = compute_metrics(actual, probs, classes, n_bootstrap, confidence, seed, groups)
+    metrics["validation"] = validation
+    write_json(metrics_path, headline(metrics, validation), sort_keys=False)
     write_json(plot_dir / "report.json", metrics)
-    predictions = write_predictions(plot_dir / "predictions.csv", paths, actual, probs, classes)
+    predictions = write_predictions(plot_dir / "predictions.csv", paths, actual, probs, classes, groups)
     report = classification_report(actual, predictions.predicted, labels=classes, digits=4, zero_division=0)
     write_text(plot_dir / "classification_report.txt", f"{name} on the test split ({len(actual)} images)\n\n{report}")
     matrix = confusion_matrix(actual, predictions.predicted, labels=classes)
@@ -154,10 +163,16 @@ def evaluate_and_write(
 
 
 def write_predictions(
-    path: str | Path, paths: list[str], actual: list[str], probs: np.ndarray, classes: list[str]
+    path: str | Path,
+    paths: list[str],
+    actual: list[str],
+    probs: np.ndarray,
+    classes: list[str],
+    groups: list[str] | None = None,
 ) -> pd.DataFrame:
-    """predictions.csv (path, actual, predicted, p_<class>...) with fixed-format probabilities."""
-    predictions = predictions_frame(paths, actual, probs, classes)
+    """predictions.csv (path, actual, [group,] predicted, p_<class>...) with fixed-format probabilities. The
+    group column (which images the split keeps together) lets `imgclf diff` resample groups at any revision."""
+    predictions = predictions_frame(paths, actual, probs, classes, groups)
     with_format = predictions.copy()
     for col in probability_columns(classes):
         with_format[col] = with_format[col].map(format_probability)

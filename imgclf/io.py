@@ -56,10 +56,11 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON with sorted keys and a final newline, so equal data gives equal bytes."""
+def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
+    """Write JSON with a final newline, so equal data gives equal bytes: keys sorted, or (sort_keys=False, for
+    metrics whose order is what a reader sees first) in the order given."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from imgclf.compare import ensemble_probabilities, markdown_table, pick_best, summary_row
 from imgclf.errors import UserError, log, stage_main
-from imgclf.evaluation import accuracy_and_loss, evaluate_and_write, read_predictions, write_predictions
+from imgclf.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
 from imgclf.io import read_json, write_csv, write_json, write_text
 from imgclf.params import load_params
 from imgclf.plots import comparison_plot
@@ -37,21 +37,12 @@ def main() -> None:
     missing = [bb for bb in backbones if not (args.plots_dir / bb / "report.json").is_file()]
     if missing:
         raise UserError(f"no evaluation for {', '.join(missing)}; run `dvc repro` (compare needs evaluate@<backbone>)")
-    val, val_classes, val_probs = ensemble_probabilities(
-        [args.plots_dir / bb / "val_predictions.csv" for bb in backbones]
-    )
+    val, _, val_probs = ensemble_probabilities([args.plots_dir / bb / "val_predictions.csv" for bb in backbones])
     test, classes, probs = ensemble_probabilities([args.plots_dir / bb / "predictions.csv" for bb in backbones])
     rows = []
     for bb in backbones:
         model = read_json(args.plots_dir / bb / "model.json")
-        _, _, bb_val_probs = read_predictions(args.plots_dir / bb / "val_predictions.csv")
-        on_val = accuracy_and_loss(list(val.actual), bb_val_probs, val_classes)
-        extra = {
-            "val_accuracy": on_val["accuracy"],
-            "val_loss": on_val["loss"],
-            "params_total": model["model_params"]["total"],
-            "params_trainable": model["model_params"]["trainable"],
-        }
+        extra = {"params_total": model["model_params"]["total"], "params_trainable": model["model_params"]["trainable"]}
         rows.append(summary_row(bb, read_json(args.plots_dir / bb / "report.json"), extra))
     name = "ensemble (" + " + ".join(backbones) + ")"
     write_predictions(args.ensemble_dir / "val_predictions.csv", list(val.path), list(val.actual), val_probs, classes)
@@ -66,9 +57,10 @@ def main() -> None:
         evaluate["bootstrap"],
         evaluate["confidence"],
         params["base"]["seed"],
+        validation=accuracy_and_loss(list(val.actual), val_probs, classes),
+        groups=list(test.group) if "group" in test else None,
     )
-    on_val = accuracy_and_loss(list(val.actual), val_probs, classes)
-    rows.append(summary_row("ensemble", ensemble, {"val_accuracy": on_val["accuracy"], "val_loss": on_val["loss"]}))
+    rows.append(summary_row("ensemble", ensemble, {}))
     summary = pd.DataFrame(rows)
     best = pick_best(summary)
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from imgclf.backbones import build_backbone, get_backbone
-from imgclf.device import check_precision, dtype_policy, precision_for
+from imgclf.device import check_precision, dtype_policy, platform_record, precision_for
 from imgclf.errors import log, stage_main
 from imgclf.features import compute_features
 from imgclf.images import ImageRecipe
@@ -62,6 +62,8 @@ def main() -> None:
                 "image_size": features["image_size"],
                 "preprocessing": features["preprocessing"],
                 "precision": precision,
+                # The driver's machine; with the Ray engine the workers' type is not recorded (README).
+                "platform": platform_record(),
                 **weights,
             },
             recipe=ImageRecipe.from_params(params["data"]),

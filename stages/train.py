@@ -35,6 +35,7 @@ def main() -> None:
     seed = params["base"]["seed"]
     seed_everything(seed)
 
+    from imgclf.device import platform_record
     from imgclf.extractor import backbone_of
     from imgclf.model import build_attention_head, build_end_to_end, count_params
     from imgclf.plots import history_plot
@@ -128,6 +129,8 @@ def main() -> None:
         "head_params": count_params(head),
         "model_params": count_params(full),
         "train_params": tp,
+        # The machines that computed the features and trained the head (not the host: its type).
+        "platform": {"features": features_info.get("platform"), "train": platform_record()},
     }
     with atomic_path(args.model_dir) as tmp:
         tmp.mkdir(parents=True)

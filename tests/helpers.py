@@ -35,9 +35,7 @@ TINY = {
     "evaluate.attention_images_per_class": 1,
     "split.val": 0.2,
     "split.test": 0.25,
-    # The synthetic shapes on noise are near-copies of each other by perceptual hash (every bar alike): grouping
-    # them would put whole classes in one split. Real near-duplicate grouping is tested in test_images.py.
-    "data.near_duplicates": "report",
+    # data.near_duplicates stays at its default, group: the end-to-end runs keep near-copies in one split.
 }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgclf.evaluation import bootstrap_interval, compute_metrics
+from imgclf.evaluation import compute_metrics
+from imgclf.significance import bootstrap_interval
 
 
 def test_binary_and_multiclass_metrics() -> None:
@@ -21,10 +22,10 @@ def test_bootstrap_interval_contains_the_point_estimate_and_is_seeded() -> None:
     rng = np.random.default_rng(0)
     y_true = rng.integers(0, 3, 80)
     y_pred = np.where(rng.random(80) < 0.7, y_true, rng.integers(0, 3, 80))
-    ci = bootstrap_interval(y_true, y_pred, n=300, confidence=0.95, seed=1, n_classes=3)
+    ci = bootstrap_interval(y_true, y_pred, 3, resamples=300, confidence=0.95, seed=1)
     assert ci["accuracy"][0] <= np.mean(y_true == y_pred) <= ci["accuracy"][1]
     assert ci["accuracy"][1] - ci["accuracy"][0] > 0.05  # 80 images cannot pin accuracy down
-    assert ci == bootstrap_interval(y_true, y_pred, n=300, confidence=0.95, seed=1, n_classes=3)
+    assert ci == bootstrap_interval(y_true, y_pred, 3, resamples=300, confidence=0.95, seed=1)
 
 
 def test_interval_contains_its_estimate_when_a_class_is_never_predicted() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_a_queued_sweep_runs_head_experiments_on_the_cached_features_and_keeps_t
     experiments = show[show.typ.str.startswith("branch")].set_index("Experiment")  # branch_commit, branch_base
     lr = "train.overrides.mobilenet.lr"
     assert sorted(experiments[lr].astype(float)) == [0.001, 0.003]
-    for column in ("metrics/backbones/mobilenet.json:accuracy", "metrics/ensemble.json:accuracy"):
+    for column in ("metrics/backbones/mobilenet.json:val_accuracy", "metrics/ensemble.json:accuracy"):
         assert experiments[column].astype(float).between(0, 1).all()
 
     for name in experiments.index:  # each reran the head of mobilenet only, on the cached features
@@ -46,7 +47,16 @@ def test_a_queued_sweep_runs_head_experiments_on_the_cached_features_and_keeps_t
         for bb in E2E_BACKBONES:
             assert f"Running stage 'features@{bb}'" not in log and f"Running stage 'augment@{bb}'" not in log
 
-    winner = experiments["metrics/ensemble.json:accuracy"].astype(float).idxmax()
+    # The two experiments side by side on the same test images, by name, with their noise.
+    first, second = experiments.index
+    diff = run([sys.executable, "-m", "imgclf", "diff", first, second, "--md"], copy_of).stdout
+    assert "| mobilenet |" in diff and "| ensemble |" in diff and "McNemar p" in diff, diff
+    # The winner is chosen on validation (accuracy, then loss), never on a test number.
+    ranked = experiments.assign(
+        acc=experiments["metrics/ensemble.json:val_accuracy"].astype(float),
+        loss=experiments["metrics/ensemble.json:val_loss"].astype(float),
+    ).sort_values(["acc", "loss"], ascending=[False, True])
+    winner = ranked.index[0]
     dvc(copy_of, "exp", "branch", winner, "winner")
     assert "winner" in run(["git", "branch"], copy_of).stdout
     dvc(copy_of, "exp", "apply", winner)

@@ -31,12 +31,29 @@ def test_repro_trains_and_records_every_backbone(trained: Path) -> None:
         precision = {"vgg16": "bfloat16", "mobilenet": "float32"}[bb]  # TINY's features.precision(_overrides)
         assert features["precision"] == info["precision"] == precision
         assert info["classes"] == ["hbar", "ring", "vbar"] and not info["fine_tuned"]
+        # Where it was computed: the machine's type, never the host (the same type must give the same bytes).
+        platform = read(trained, f"plots/backbones/{bb}/model.json")["platform"]
+        assert platform["train"] == platform["features"] == features["platform"]
+        assert set(platform["train"]) == {"cpu_vendor", "cpu_flags", "gpus", "tensorflow", "keras", "numpy"}
+        assert platform["train"]["tensorflow"].startswith("2.") and "avx2" in platform["train"]["cpu_flags"]
         assert (trained / f"models/{bb}/model.keras").is_file() and (trained / f"models/{bb}/head.keras").is_file()
         curve = pd.read_csv(trained / f"dvclive/train/{bb}/plots/metrics/val_accuracy.tsv", sep="\t")
         assert len(curve) == info["epochs_run"] and 1 <= info["best_epoch"] <= info["epochs_run"]
         for png in ("history.png", "confusion.png", "attention.png"):
             assert (trained / f"plots/backbones/{bb}/{png}").stat().st_size > 1000
     assert "Data and pipelines are up to date" in dvc(trained, "status").stdout
+
+
+def test_near_copies_are_grouped_end_to_end_and_each_group_lies_in_one_split(trained: Path) -> None:
+    """The default data.near_duplicates: group, through dvc repro: near-copies share a group, and split puts
+    every group's images into one split."""
+    manifest = read_csv(trained / "data/prepared/manifest.csv")
+    ok = manifest[manifest.status == "ok"]
+    assert (ok.group != ok.sha256).any(), "no near-copy was grouped: the default `group` never ran"
+    homes = pd.concat(
+        [read_csv(trained / f"data/split/{name}.csv").assign(split=name) for name in ("train", "val", "test")]
+    )
+    assert len(homes) == len(ok) and (homes.groupby("group").split.nunique() == 1).all()
 
 
 def test_vgg16_learns_on_random_weights(trained: Path) -> None:
@@ -49,7 +66,10 @@ def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
     folder = "plots/ensemble" if name == "ensemble" else f"plots/backbones/{name}"
     metrics = read(trained, f"{folder}/report.json")  # every number; the tracked metrics are its headline
     tracked = read(trained, "metrics/ensemble.json" if name == "ensemble" else f"metrics/backbones/{name}.json")
+    val = read_csv(trained / folder / "val_predictions.csv")
     assert tracked == {
+        "val_accuracy": pytest.approx((val.actual == val.predicted).mean(), abs=1e-6),
+        "val_loss": metrics["validation"]["loss"],
         "accuracy": metrics["accuracy"],
         "accuracy_low": metrics["ci"]["accuracy"][0],
         "accuracy_high": metrics["ci"]["accuracy"][1],
@@ -62,6 +82,8 @@ def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
     predictions = read_csv(trained / folder / "predictions.csv")
     test = read_csv(trained / "data/split/test.csv")
     assert list(predictions.path) == list(test.path) and list(predictions.actual) == list(test.label)
+    assert list(predictions.group) == list(test.group)  # so that `imgclf diff` resamples groups at any revision
+    assert metrics["ci"]["resampled"] == "groups" and metrics["ci"]["groups"] == test.group.nunique()
     probs = predictions[[c for c in predictions.columns if c.startswith("p_")]].to_numpy()
     classes = [c[2:] for c in predictions.columns if c.startswith("p_")]
     assert list(np.asarray(classes)[probs.argmax(axis=1)]) == list(predictions.predicted)

@@ -1,0 +1,153 @@
+"""Is a difference more than chance? Paired tests on the same test images, resampling whole groups.
+
+Two models evaluated on the same test split are compared image by image (paired): only the images on which
+they disagree about correctness carry information. The unit of independence is the group (identical files and
+near-copies, kept in one split by `split`), not the file: a bootstrap that resampled single images would
+treat five copies of one picture as five pieces of evidence and give intervals that are too narrow.
+
+- `mcnemar_exact`: exact (binomial) McNemar test on the discordant pairs.
+- `bootstrap_interval`: percentile intervals of one model's accuracy and macro F1, resampling groups.
+- `paired_bootstrap`: percentile intervals of the change B - A in accuracy and macro F1, resampling the same
+  groups for both models.
+Macro F1 in a resample averages over the classes present in that resample's true labels: a class that a
+resample happens to leave out has no F1 (scikit-learn would count it as 0 and drag a perfect model to 0.75).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binom
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
+    """(a_only, b_only, p): images only A got right, images only B got right, and the two-sided exact McNemar
+    p-value, 2 * P(X <= min) for X ~ Binomial(a_only + b_only, 1/2), capped at 1 (1 when none are discordant)."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = a_only + b_only
+    p = 1.0 if n == 0 else min(1.0, 2.0 * float(binom.cdf(min(a_only, b_only), n, 0.5)))
+    return a_only, b_only, p
+
+
+def macro_f1_present(confusion: np.ndarray) -> float:
+    """Macro F1 from a (K, K) confusion matrix (rows true, columns predicted; counts may be weights), averaged
+    over the classes with at least one true image. F1 of a class with no true positives is 0."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    present = support > 0
+    denominator = support + predicted  # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (support + predicted)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def _confusions(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+    """(R, K, K) confusion matrices, one per row of `weights` (R, N) image weights."""
+    cell = y_true * k + y_pred  # (N,)
+    onehot = np.zeros((len(cell), k * k))
+    onehot[np.arange(len(cell)), cell] = 1.0
+    return (weights @ onehot).reshape(-1, k, k)
+
+
+def _macro_f1_rows(confusions: np.ndarray) -> np.ndarray:
+    tp = np.diagonal(confusions, axis1=1, axis2=2)  # (R, K)
+    support, predicted = confusions.sum(axis=2), confusions.sum(axis=1)
+    denominator = support + predicted
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    present = support > 0
+    return np.where(present, f1, 0.0).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
+
+
+def group_weights(groups: np.ndarray | None, n_images: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n_images): how often each image is drawn when whole groups are drawn with replacement
+    (as many draws as there are groups). Without groups every image is its own group."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        codes, n_groups = np.arange(n_images), n_images
+    else:
+        _, codes = np.unique(np.asarray(groups), return_inverse=True)
+        n_groups = int(codes.max()) + 1 if n_images else 0
+    draws = rng.integers(0, n_groups, (resamples, n_groups))
+    counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws]).astype(np.float64)
+    return counts[:, codes]
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> list[float]:
+    tail = (1 - confidence) / 2 * 100
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def bootstrap_interval(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    n_classes: int,
+    resamples: int,
+    confidence: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of accuracy and macro F1 (classes present), resampling whole groups."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    weights = group_weights(groups, len(y_true), resamples, seed)
+    accuracy = weights @ (y_true == y_pred) / weights.sum(axis=1)
+    f1 = _macro_f1_rows(_confusions(y_true, y_pred, weights, n_classes))
+    return {"accuracy": _percentiles(accuracy, confidence), "macro_f1": _percentiles(f1, confidence)}
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """B against A on the same images: point values, changes with their paired bootstrap interval, McNemar."""
+
+    images: int
+    groups: int
+    accuracy: tuple[float, float]  # (A, B)
+    macro_f1: tuple[float, float]
+    accuracy_change: float  # B - A
+    accuracy_change_interval: tuple[float, float]
+    macro_f1_change: float
+    macro_f1_change_interval: tuple[float, float]
+    right_to_wrong: int  # A right, B wrong
+    wrong_to_right: int  # A wrong, B right
+    p_value: float  # exact McNemar, two-sided
+    agreement: float  # share of images with the same predicted class
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    n_classes: int,
+    resamples: int,
+    confidence: float,
+    seed: int,
+    groups: np.ndarray | None = None,
+) -> PairedComparison:
+    """Compare B with A on the same test images: each resample draws the same groups for both models."""
+    y_true, pred_a, pred_b = (np.asarray(x) for x in (y_true, pred_a, pred_b))
+    right_a, right_b = pred_a == y_true, pred_b == y_true
+    weights = group_weights(groups, len(y_true), resamples, seed)
+    total = weights.sum(axis=1)
+    accuracy_change = (weights @ right_b - weights @ right_a) / total
+    f1_change = _macro_f1_rows(_confusions(y_true, pred_b, weights, n_classes)) - _macro_f1_rows(
+        _confusions(y_true, pred_a, weights, n_classes)
+    )
+    f1_a = macro_f1_present(_confusions(y_true, pred_a, np.ones((1, len(y_true))), n_classes)[0])
+    f1_b = macro_f1_present(_confusions(y_true, pred_b, np.ones((1, len(y_true))), n_classes)[0])
+    right_to_wrong, wrong_to_right, p = mcnemar_exact(right_a, right_b)
+    acc_a, acc_b = float(right_a.mean()), float(right_b.mean())
+    return PairedComparison(
+        images=len(y_true),
+        groups=len(np.unique(groups)) if groups is not None else len(y_true),
+        accuracy=(acc_a, acc_b),
+        macro_f1=(f1_a, f1_b),
+        accuracy_change=acc_b - acc_a,
+        accuracy_change_interval=tuple(_percentiles(accuracy_change, confidence)),  # type: ignore[arg-type]
+        macro_f1_change=f1_b - f1_a,
+        macro_f1_change_interval=tuple(_percentiles(f1_change, confidence)),  # type: ignore[arg-type]
+        right_to_wrong=right_to_wrong,
+        wrong_to_right=wrong_to_right,
+        p_value=p,
+        agreement=float(np.mean(pred_a == pred_b)),
+    )

@@ -1,0 +1,67 @@
+"""The committed state is consistent: on this very repository, `dvc status` reports no stage whose code,
+params or data changed since dvc.lock recorded its results. And the check itself fails on a stale lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import dvc, run
+
+from imgclf.lockcheck import dvc_status, stale_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_this_repository_has_no_stale_stage() -> None:
+    """Fails when a commit changes code or params a stage depends on without rerunning `dvc repro` and
+    committing dvc.lock and the results: a fresh clone would then rerun the stage and change the results."""
+    stale = stale_stages(dvc_status(ROOT))
+    assert not stale, "run `dvc repro` and commit dvc.lock with the results; stale: " + "; ".join(
+        f"{stage}: {', '.join(reasons)}" for stage, reasons in stale.items()
+    )
+
+
+def test_status_parsing_counts_changed_code_and_params_but_not_missing_outputs() -> None:
+    status = {
+        "features@vgg16": [{"changed deps": {"imgclf/device.py": "modified", "data/split/images.csv": "deleted"}}],
+        "train@vgg16": [{"changed deps": {"data/features/vgg16": "deleted"}}, {"changed outs": {"m": "deleted"}}],
+        "evaluate@vgg16": [{"changed deps": {"params.yaml": {"evaluate.bootstrap": "modified"}}}],
+        "compare": ["changed command"],
+        "split": [{"changed deps": {"imgclf/groups.py": "new"}}],
+    }
+    assert stale_stages(status) == {
+        "features@vgg16": ["imgclf/device.py (modified)"],
+        "evaluate@vgg16": ["params: evaluate.bootstrap"],
+        "compare": ["command"],
+        "split": ["imgclf/groups.py (new)"],
+    }
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path) -> Path:
+    (tmp_path / "step.py").write_text("import sys\nopen('out.txt', 'w').write(open('in.txt').read())\n")
+    (tmp_path / "in.txt").write_text("a\n")
+    (tmp_path / "params.yaml").write_text("copy:\n  times: 1\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  copy:\n    cmd: python step.py\n    deps: [step.py, in.txt]\n    params: [copy.times]\n"
+        "    outs: [out.txt]\n"
+    )
+    run(["git", "init", "-q"], tmp_path)
+    dvc(tmp_path, "init", "-q")
+    dvc(tmp_path, "repro", "-q")
+    return tmp_path
+
+
+def test_a_deliberately_stale_lock_is_found(tiny_project: Path) -> None:
+    assert stale_stages(dvc_status(tiny_project)) == {}
+    (tiny_project / "out.txt").unlink()  # a missing output (a fresh clone without the cache) is fine
+    assert stale_stages(dvc_status(tiny_project)) == {}
+    (tiny_project / "step.py").write_text("open('out.txt', 'w').write('changed')\n")
+    assert stale_stages(dvc_status(tiny_project)) == {"copy": ["step.py (modified)"]}
+    (tiny_project / "params.yaml").write_text("copy:\n  times: 2\n")
+    assert stale_stages(dvc_status(tiny_project))["copy"] == ["step.py (modified)", "params: copy.times"]
+    done = subprocess.run([sys.executable, "-m", "imgclf.lockcheck"], cwd=tiny_project, capture_output=True, text=True)
+    assert done.returncode == 1 and "stale: copy: step.py (modified); params: copy.times" in done.stdout

@@ -1,0 +1,140 @@
+"""`imgclf verify` and `imgclf diff` on a constructed repository: committed predictions at one revision,
+changed ones in the workspace. The three verdicts, the refusal of unpaired test sets, experiment refs, and the
+result paths matching dvc.yaml."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from imgclf.__main__ import main
+from imgclf.errors import UserError
+from imgclf.evaluation import write_predictions
+from imgclf.experiments import BEYOND, IDENTICAL, RESULT_FILES, WITHIN, judge_all
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "eel"]
+N = 150
+PLATFORM = {"features": None, "train": {"cpu_vendor": "GenuineIntel", "cpu_flags": ["avx512f", "amx_bf16"],
+                                        "gpus": [], "tensorflow": "2.21.0"}}  # fmt: skip
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def write_model(repo: Path, model: str, predicted: np.ndarray, actual: np.ndarray, paths: list[str]) -> None:
+    probs = np.full((len(predicted), len(CLASSES)), 0.1)
+    probs[np.arange(len(predicted)), predicted] = 0.8
+    if model == "ensemble":
+        pred_path, metrics_path = repo / "plots/ensemble/predictions.csv", repo / "metrics/ensemble.json"
+    else:
+        pred_path, metrics_path = (
+            repo / f"plots/backbones/{model}/predictions.csv",
+            repo / f"metrics/backbones/{model}.json",
+        )
+        (repo / f"plots/backbones/{model}").mkdir(parents=True, exist_ok=True)
+        (repo / f"plots/backbones/{model}/model.json").write_text(json.dumps({"platform": PLATFORM}))
+    groups = [p.split("_")[0] for p in paths]  # pairs of images share a group
+    labels = list(np.asarray(CLASSES)[actual])
+    write_predictions(pred_path, paths, labels, probs, CLASSES, groups)
+    accuracy = float(np.mean(predicted == actual))
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps({"accuracy": accuracy, "accuracy_low": accuracy - 0.05,
+                                        "accuracy_high": accuracy + 0.05}))  # fmt: skip
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> tuple[Path, np.ndarray, list[str], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    actual = rng.integers(0, 3, N)
+    paths = [f"g{i // 2:03d}_{i}.png" for i in range(N)]
+    predicted = {m: np.where(rng.random(N) < 0.85, actual, (actual + 1) % 3) for m in ("m1", "m2", "ensemble")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"backbones": ["m1", "m2"]}))
+    for model, pred in predicted.items():
+        write_model(tmp_path, model, pred, actual, paths)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    return tmp_path, actual, paths, predicted
+
+
+def flipped(pred: np.ndarray, actual: np.ndarray, count: int, make_wrong: bool = True) -> np.ndarray:
+    """`count` images changed: the first right ones made wrong (or the last wrong ones made right)."""
+    out = pred.copy()
+    pick = np.flatnonzero(pred == actual)[:count] if make_wrong else np.flatnonzero(pred != actual)[-count:]
+    out[pick] = (actual[pick] + 1) % 3 if make_wrong else actual[pick]
+    return out
+
+
+def verdicts(repo: Path, a: str = "HEAD", b: str = "workspace") -> dict[str, str]:
+    judgements, _ = judge_all(a, b, alpha=0.05, resamples=300, confidence=0.95, seed=0, root=repo)
+    return {j.model: j.verdict for j in judgements}
+
+
+def test_verify_gives_each_of_the_three_verdicts(repo, monkeypatch, capsys) -> None:
+    path, actual, paths, predicted = repo
+    monkeypatch.chdir(path)
+    assert verdicts(path) == {"m1": IDENTICAL, "m2": IDENTICAL, "ensemble": IDENTICAL}
+    assert main(["verify"]) == 0
+    assert "overall: identical" in capsys.readouterr().out
+    # Another CPU type: two of 150 images flip each way in m1 (the measured Intel/AMD size of change).
+    write_model(path, "m1", flipped(flipped(predicted["m1"], actual, 2), actual, 2, make_wrong=False), actual, paths)
+    assert verdicts(path)["m1"] == WITHIN
+    assert main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert "overall: reproduced within noise" in out and "GenuineIntel (avx512f amx_bf16)" in out
+    # A crippled m2: 40 right answers become wrong.
+    write_model(path, "m2", flipped(predicted["m2"], actual, 40), actual, paths)
+    assert verdicts(path) == {"m1": WITHIN, "m2": BEYOND, "ensemble": IDENTICAL}
+    assert main(["verify", "--against", "HEAD"]) == 1
+    assert "overall: differs beyond noise" in capsys.readouterr().out
+
+
+def test_diff_reports_changes_with_paired_intervals_and_markdown(repo, monkeypatch, capsys) -> None:
+    path, actual, paths, predicted = repo
+    monkeypatch.chdir(path)
+    write_model(path, "m2", flipped(predicted["m2"], actual, 40), actual, paths)
+    assert main(["diff", "HEAD", "workspace", "--md"]) == 0
+    out = capsys.readouterr().out
+    m2 = next(line for line in out.splitlines() if line.startswith("| m2 |"))
+    cells = [c.strip() for c in m2.strip("|").split("|")]
+    assert cells[7:9] == ["40", "0"]  # right→wrong, wrong→right
+    low, high = (float(x) for x in cells[3].split("[")[1].rstrip("]").split(","))
+    assert high < 0 and low <= -40 / N + 1e-9 <= high
+    assert cells[-1] == "beyond noise"
+    assert "75 groups resampled" in out  # the group column, not single images
+    assert "| m2 | " in out.split("Per class")[1]
+
+
+def test_sides_with_different_test_sets_are_refused(repo, monkeypatch) -> None:
+    path, actual, paths, predicted = repo
+    write_model(path, "m1", predicted["m1"][:-1], actual[:-1], paths[:-1])
+    with pytest.raises(UserError, match=r"m1: the test sets differ \(1 images only in HEAD, 0 only in workspace"):
+        verdicts(path)
+    write_model(path, "m1", predicted["m1"], (actual + 1) % 3, paths)
+    with pytest.raises(UserError, match="other labels in workspace"):
+        verdicts(path)
+    monkeypatch.chdir(path)
+    assert main(["diff", "HEAD", "no-such-thing"]) == 2
+
+
+def test_an_experiment_name_resolves_to_its_ref(repo) -> None:
+    path, actual, paths, predicted = repo
+    write_model(path, "m1", flipped(predicted["m1"], actual, 50), actual, paths)
+    git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "exp")
+    git(path, "update-ref", "refs/exps/ab/cdef0123/crippled-head", "HEAD")
+    git(path, "reset", "-q", "--hard", "HEAD~1")
+    assert verdicts(path, "HEAD", "crippled-head")["m1"] == BEYOND
+
+
+def test_result_paths_are_the_ones_dvc_yaml_declares() -> None:
+    text = (ROOT / "dvc.yaml").read_text()
+    for backbone_path, ensemble_path in RESULT_FILES.values():
+        assert backbone_path.replace("{m}", "${item}") in text
+        assert ensemble_path is None or ensemble_path in text
