@@ -84,6 +84,11 @@ def verify_command(args: argparse.Namespace) -> int:
     from imgclf.experiments import BEYOND, WORKSPACE, judge_all, overall, verify_report
 
     judgements, notes = judge_all(args.against, WORKSPACE, args.alpha, args.resamples, 0.95, args.seed)
+    if notes:  # another list of backbones: not a reproduction of REV, whatever the shared models say
+        raise UserError(
+            f"the workspace is not a run of {args.against}'s pipeline ({'; '.join(notes)}); verify compares a "
+            f"reproduction with its original: use `imgclf diff {args.against} workspace` to compare experiments"
+        )
     print(verify_report(judgements, (args.against, WORKSPACE), args.alpha))
     for note in notes:
         print(f"note: {note}")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgclf.errors import UserError
+from imgclf.errors import UserError, log
 from imgclf.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, ImageSkip, decode_image
 from imgclf.io import sha256_file
 
@@ -84,17 +84,31 @@ def _walk_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def detect_layout(root: Path) -> bool:
-    """True when root holds provided split folders (Training/Testing, train/val/test...): every sub-folder is
-    one, and a test or validation folder is among them (a class folder named `train` alone is a class)."""
-    subdirs = [
-        d.name.lower() for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX"
-    ]
-    return (
-        bool(subdirs)
-        and all(name in SPLIT_FOLDERS for name in subdirs)
-        and any(SPLIT_FOLDERS[name] in ("val", "test") for name in subdirs)
-    )
+def detect_layout(root: Path) -> tuple[bool, list[str]]:
+    """(split layout?, other top-level folders). root holds provided split folders (Training/Testing,
+    train/val/test, ...) when a validation or test folder is among its sub-folders; any other top-level folder
+    (masks/, a nested copy of the dataset) is then not a class: its files are skipped with their reason and the
+    folders are returned so that prepare can name them. Split-named folders that hold images but no class
+    sub-folders are ambiguous (classes named like splits?): one clear error. A class folder named `train`
+    next to other classes, with no test or validation folder, stays a class (prepare warns)."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    split_named = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS]
+    if not any(SPLIT_FOLDERS[d.name.lower()] in ("val", "test") for d in split_named):
+        if split_named:
+            log.warning(
+                "prepare: class folder(s) named like a split (%s) but no validation or test folder: read as "
+                "class(es); for provided splits add a Testing/ (or test/) folder of class sub-folders",
+                ", ".join(d.name for d in split_named),
+            )
+        return False, []
+    flat = [d.name for d in split_named if not any(c.is_dir() for c in d.iterdir())]
+    if flat:
+        raise UserError(
+            f"data.root={str(root)!r} has split folders ({', '.join(d.name for d in split_named)}), but "
+            f"{flat[0]}/ holds no class sub-folders; expected {flat[0]}/<class>/<image>: move its images into "
+            "class folders, or rename the split-named folders if they are classes"
+        )
+    return True, [d.name for d in subdirs if d.name.lower() not in SPLIT_FOLDERS]
 
 
 def _label_and_split(rel: Path, split_layout: bool) -> tuple[str | None, str, str | None]:
@@ -119,7 +133,13 @@ def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.Da
         raise UserError(f"data.root={str(root)!r} does not exist; set data.root to a folder of class sub-folders")
     if not root.is_dir():
         raise UserError(f"data.root={str(root)!r} is a file, not a folder of class sub-folders")
-    split_layout = detect_layout(root)
+    split_layout, ignored = detect_layout(root)
+    if ignored:
+        log.warning(
+            "prepare: provided split folders found; ignoring the other top-level folder(s) %s (their files are "
+            "in the manifest as skipped: not under a split folder)",
+            ", ".join(f"{name}/" for name in ignored),
+        )
     rows = []
     for path in _walk_files(root):
         rel = path.relative_to(root)
@@ -291,6 +311,28 @@ def summary_line(manifest: pd.DataFrame) -> str:
     return f"found {found} files: kept {kept}, skipped {len(skipped)} ({detail})"
 
 
+HELD_OUT = "held_out"
+
+
+def _group_key(ok: pd.DataFrame) -> pd.Series:
+    """What split keeps together: the group prepare formed (near-copies), else the content hash."""
+    return ok.group.where(ok.group != "", ok.sha256) if "group" in ok else ok.sha256
+
+
+def held_out(manifest: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The kept rows that split_manifest put in no split (copies or near-copies of a provided test or
+    validation image, found in another split's folder), with the reason."""
+    ok = manifest[manifest.status == "ok"]
+    placed = set().union(*(set(df.path) for df in splits.values()))
+    rows = ok[~ok.path.isin(placed)].copy()
+    key, test_keys = _group_key(rows), set(_group_key(splits["test"]))
+    rows["reason"] = [
+        f"a copy or near-copy of an image in the provided {'test' if k in test_keys else 'validation'} folder"
+        for k in key
+    ]
+    return rows.sort_values("path").reset_index(drop=True)
+
+
 def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
     """Whole counts per split for n groups: each split >= 1, val/test rounded, train takes the rest."""
     counts = {name: max(1, round(n * frac)) for name, frac in fractions.items() if name != "train"}
@@ -304,19 +346,23 @@ def split_manifest(
     """Stratified train/val/test split of the kept rows; each group (identical content, and near-copies
     when prepare grouped them) lies in exactly one split.
 
-    With provided split folders and use_provided_splits, a provided test (val) folder is the test (val)
-    split; every copy of its content found elsewhere joins it, with test winning over val and val over
-    train (a file in both Validation/ and Testing/ is kept in test only, so early stopping never sees a
-    test image). The rest is split per class with the ratios (as fractions of what is being split).
+    With provided split folders and use_provided_splits, the provided test folder is the test split exactly
+    as given, and the provided validation folder is the validation split less any copy of a test image (so
+    early stopping never sees one): results stay comparable with the official split. A copy or near-copy of
+    a test (validation) image elsewhere would leak it into training; such rows are held out of every split,
+    not moved into test. `held_out` lists them. The rest is split per class with the ratios (as fractions
+    of what is being split).
     """
     ok = manifest[manifest.status == "ok"].reset_index(drop=True)
-    key = ok.group.where(ok.group != "", ok.sha256) if "group" in ok else ok.sha256
+    key = _group_key(ok)
     assigned = pd.Series("", index=ok.index, dtype=object)
     if use_provided_splits:
-        for name in ("test", "val"):
-            provided = set(key[(ok.provided_split == name) & (assigned == "")])
-            assigned[(assigned == "") & key.isin(provided)] = name
-    fixed = set(assigned[assigned != ""])
+        test_keys = set(key[ok.provided_split == "test"])
+        assigned[ok.provided_split == "test"] = "test"
+        assigned[(ok.provided_split == "val") & ~key.isin(test_keys)] = "val"
+        held = set(key[assigned != ""])
+        assigned[(assigned == "") & key.isin(held)] = HELD_OUT  # copies of test/val images elsewhere
+    fixed = set(assigned[assigned.isin(["val", "test"])])
     fractions = {"train": 1.0}
     if "val" not in fixed:
         fractions["val"] = val

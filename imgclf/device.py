@@ -52,9 +52,12 @@ KERNEL_CPU_FLAGS = (
 
 
 def platform_record() -> dict[str, Any]:
-    """Where a result was computed, in the terms that decide its bits: CPU vendor, the kernel-selecting flags
-    it has, the GPUs TensorFlow sees, and the versions of TensorFlow, Keras and NumPy. No host name, no timing:
-    the same type of machine gives the same record and so the same bytes."""
+    """Where a result was computed, in the terms that decide its bits: architecture, CPU vendor, the
+    kernel-selecting flags it has, the GPU models TensorFlow sees, and the versions of TensorFlow, Keras and
+    NumPy. No host name, no timing: the same type of machine gives the same record and so the same bytes.
+    (/proc/cpuinfo is Linux's: elsewhere the vendor is "unknown" and the flags empty.)"""
+    import platform
+
     import keras
     import numpy as np
     import tensorflow as tf
@@ -68,10 +71,12 @@ def platform_record() -> dict[str, Any]:
     except OSError:  # not Linux
         pass
     flags = cpu_flags()
+    gpus = [tf.config.experimental.get_device_details(d).get("device_name", d.name) for d in visible_gpus()]
     return {
+        "machine": platform.machine(),
         "cpu_vendor": vendor,
         "cpu_flags": [f for f in KERNEL_CPU_FLAGS if f in flags],
-        "gpus": sorted({getattr(d, "name", str(d)) for d in visible_gpus()}),
+        "gpus": sorted(gpus),  # models (e.g. "NVIDIA A100-SXM4-40GB"), one entry per device
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "numpy": np.__version__,

@@ -37,11 +37,14 @@ CONNECT_TIMEOUT_S = 5  # a quick TCP check first: Ray itself retries an unreacha
 def import_ray(address: str = "local") -> Any:
     """Import Ray (read its settings at import). A local instance uses token authentication, Ray 2.60's default
     for local clusters, set explicitly so that Ray does not warn about it; a cluster's mode is the user's."""
-    if address == "local":
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    set_here = address == "local" and "RAY_AUTH_MODE" not in os.environ
+    if set_here:
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         import ray
     except ImportError:
+        if set_here:  # leave the environment as it was: every later subprocess inherits it
+            del os.environ["RAY_AUTH_MODE"]
         raise UserError(f"the Ray engine needs Ray, which is not installed; {INSTALL_HINT}") from None
     return ray
 
@@ -148,16 +151,21 @@ class BatchModel:
         self.gpus = gpus
 
     def check_device(self) -> None:
-        """A worker given a GPU whose TensorFlow cannot see it would silently run on its CPU: stop instead."""
-        if self.gpus:
-            from imgclf.device import visible_gpus
+        """Once per worker, where the work runs: a worker given a GPU whose TensorFlow cannot see it would silently
+        run on its CPU, and a precision this worker cannot run (float16 without a GPU) must stop, whatever the
+        driver's machine has."""
+        if getattr(self, "checked", False):
+            return
+        from imgclf.device import check_precision, model_precision, visible_gpus
 
-            if not visible_gpus():
-                raise UserError(
-                    f"a Ray worker on {socket.gethostname()} was given a GPU, but its TensorFlow sees none: install "
-                    "requirements-gpu.txt on that node (and check `nvidia-smi`), or set gpus_per_worker to 0"
-                )
-            self.gpus = 0  # checked
+        gpus = visible_gpus()
+        if self.gpus and not gpus:
+            raise UserError(
+                f"a Ray worker on {socket.gethostname()} was given a GPU, but its TensorFlow sees none: install "
+                "requirements-gpu.txt on that node (and check `nvidia-smi`), or set gpus_per_worker to 0"
+            )
+        check_precision(model_precision(self.model), self.model.name, gpus=gpus)
+        self.checked = True
 
     def load(self, path: str) -> Any:
         from imgclf.extractor import load_extractor

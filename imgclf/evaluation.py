@@ -86,10 +86,14 @@ def compute_metrics(
             for i, c in enumerate(classes)
         },
     }
-    for avg in ("macro", "weighted"):
-        ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=k, average=avg, zero_division=0)
-        metrics[avg] = {"precision": _r(ap), "recall": _r(ar), "f1": _r(af)}
     present = np.unique(y_true)
+    # Averages over the classes present in the test split, as the bootstrap's resamples do: a class with no
+    # test image has no F1 (scikit-learn would count it as 0, and the point would fall outside its interval).
+    for avg in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(
+            y_true, y_pred, labels=list(present), average=avg, zero_division=0
+        )
+        metrics[avg] = {"precision": _r(ap), "recall": _r(ar), "f1": _r(af)}
     if len(present) == len(classes):
         scores = normalised(probs, floor=0.0)  # no clipping: it would tie the smallest scores
         if len(classes) == 2:  # binary: scikit-learn wants the positive class's score (one-vs-rest is the same)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,13 @@ WORKSPACE = "workspace"
 ENSEMBLE = "ensemble"
 IDENTICAL, WITHIN, BEYOND = "identical", "reproduced within noise", "differs beyond noise"
 # Where each model's committed results are; the same paths as dvc.yaml's evaluate and compare stages
-# (tests/test_experiments_judge.py checks that they agree).
+# (tests/test_verify_diff.py checks that they agree).
 RESULT_FILES = {
     "predictions": ("plots/backbones/{m}/predictions.csv", "plots/ensemble/predictions.csv"),
     "metrics": ("metrics/backbones/{m}.json", "metrics/ensemble.json"),
     "model": ("plots/backbones/{m}/model.json", None),
 }
+EXPERIMENT_REF = re.compile(r"refs/exps/[0-9a-f]{2}/[0-9a-f]{38}/[^/]+")
 # The flags shown for a platform: the ones that told the measured Intel and AMD machines apart.
 SHOWN_FLAGS = ("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
 
@@ -70,9 +72,20 @@ class Side:
         found = _git(root, "rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
         if found.returncode == 0:
             return cls(spec, root, found.stdout.decode().strip())
+        # DVC keeps an experiment at refs/exps/<2 hex>/<rest of its baseline's sha>/<name>; other refs under
+        # refs/exps (exec, celery, stash, ...) are its machinery, not experiments.
         refs = _git(root, "for-each-ref", "--format=%(refname)", "refs/exps").stdout.decode().split()
-        matches = [r for r in refs if r.rsplit("/", 1)[-1] == spec]
-        if len(matches) == 1:
+        matches = [r for r in refs if EXPERIMENT_REF.fullmatch(r) and r.rsplit("/", 1)[-1] == spec]
+        if len(matches) > 1:  # the same name on several baselines: the one on HEAD, as dvc exp does
+            head = _git(root, "rev-parse", "HEAD").stdout.decode().strip()
+            matches = [r for r in matches if "".join(r.split("/")[2:4]) == head] or matches
+        if len(matches) > 1:
+            baselines = ", ".join("".join(r.split("/")[2:4])[:7] for r in matches)
+            raise UserError(
+                f"experiment name {spec!r} is ambiguous (baselines {baselines}); give the experiment's commit "
+                "from `dvc exp show --sha`"
+            )
+        if matches:
             return cls(spec, root, _git(root, "rev-parse", matches[0]).stdout.decode().strip())
         raise UserError(
             f"{spec!r} is neither a git revision nor an experiment name (dvc exp show); give a commit, branch, "
@@ -218,6 +231,8 @@ def judge_all(
     notes on models only one side has."""
     if not 0 < alpha < 1:
         raise UserError(f"--alpha={alpha} must be a significance level strictly between 0 and 1, e.g. 0.05")
+    if resamples < 1:
+        raise UserError(f"--resamples={resamples} must be 1 or more (2000 gives stable 95% intervals)")
     root = root or repository_root()
     a, b = Side.resolve(spec_a, root), Side.resolve(spec_b, root)
     backbones_a, backbones_b = a.backbones(), b.backbones()
@@ -227,6 +242,11 @@ def judge_all(
     models = [*shared, ENSEMBLE] if backbones_a == backbones_b else shared
     if backbones_a != backbones_b:
         notes.append(f"{ENSEMBLE}: not compared, its backbones differ")
+    if not models:
+        raise UserError(
+            f"{a.name} (backbones {backbones_a}) and {b.name} (backbones {backbones_b}) share no backbone: "
+            "there is nothing to compare"
+        )
     threshold = alpha / max(len(models), 1)
     judgements = [
         judge(
@@ -257,8 +277,9 @@ def describe_platform(platform: Any) -> str:
         return "; ".join(f"{k}: {describe_platform(platform[k])}" for k in ("features", "train"))
     flags = [f for f in SHOWN_FLAGS if f in platform.get("cpu_flags", [])]
     gpus = f", GPU {', '.join(platform['gpus'])}" if platform.get("gpus") else ""
+    machine = f"{platform['machine']} " if platform.get("machine") else ""
     return (
-        f"{platform.get('cpu_vendor', '?')} ({' '.join(flags) or 'no avx512'}){gpus}, "
+        f"{machine}{platform.get('cpu_vendor', '?')} ({' '.join(flags) or 'no avx512'}){gpus}, "
         f"TensorFlow {platform.get('tensorflow', '?')}"
     )
 

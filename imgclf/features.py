@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from imgclf.errors import UserError
-from imgclf.images import DEFAULT_RECIPE, ImageRecipe, ImageSkip, load_image
+from imgclf.images import DEFAULT_RECIPE, ImageRecipe, try_load_image
 from imgclf.io import atomic_path, save_keras, write_csv, write_json
 from imgclf.logs import Progress
 
@@ -28,6 +28,10 @@ FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
 INFO_FILE = "info.json"
 EXTRACTOR_FILE = "extractor.keras"  # the exact backbone that made these features, reused by train
+# What the extractor is, and nothing about the images it ran on: augment@ depends on this file and
+# extractor.keras only, so adding a test image (a new features@ pass) does not rerun the variants' pass.
+EXTRACTOR_INFO_FILE = "extractor.json"
+EXTRACTOR_KEYS = ("backbone", "image_size", "preprocessing", "precision", "weights", "weights_sha256")
 
 
 # (index of the image in the list, image (S, S, 3) 0..255) -> transformed image; used to make augmented variants
@@ -37,24 +41,15 @@ Transform = Callable[[int, np.ndarray], np.ndarray]
 Engine = Callable[[Path, list[Path], int, int, ImageRecipe, str], Iterator[np.ndarray]]
 
 
-def unique_images(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """One row per unique content (sha256), first path in sorted order: the images to compute."""
-    rows = pd.concat([f[["sha256", "path"]] for f in frames], ignore_index=True)
-    rows = rows.sort_values(["sha256", "path"]).drop_duplicates("sha256").reset_index(drop=True)
-    return rows
-
-
 def load_or_stop(path: Path, image_size: int, recipe: ImageRecipe) -> np.ndarray:
     """load_image, with a file that fails to decode reported in the user's terms (it decoded in prepare)."""
-    try:
-        return load_image(path, image_size, recipe)
-    except ImageSkip as exc:
+    image, reason = try_load_image(path, image_size, recipe)
+    if image is None:
         raise UserError(
-            f"{path} can no longer be read ({exc}); it was readable when prepare scanned data.root. "
+            f"{path} can no longer be read ({reason}); it was readable when prepare scanned data.root. "
             "Restore the file, or rerun prepare (`dvc repro -f prepare`) so that it is skipped"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{path} can no longer be read ({exc.strerror or exc}); restore it or rerun prepare") from None
+        )
+    return image
 
 
 def batches(
@@ -152,8 +147,11 @@ def compute_features(
         write_csv(images.assign(row=np.arange(len(images))), tmp / INDEX_FILE)
         info = {**info, "feature_shape": list(shape), "images": len(paths), "image_recipe": recipe.to_dict()}
         write_json(tmp / INFO_FILE, info)
-        if save_extractor and engine is None:
-            save_keras(extractor, tmp / EXTRACTOR_FILE)
+        if save_extractor:
+            record = {k: info[k] for k in EXTRACTOR_KEYS if k in info}
+            write_json(tmp / EXTRACTOR_INFO_FILE, {**record, "feature_shape": list(shape)})
+            if engine is None:
+                save_keras(extractor, tmp / EXTRACTOR_FILE)
     return info
 
 

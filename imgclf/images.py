@@ -29,6 +29,10 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", "
 DEFAULT_BACKGROUND = (255, 255, 255)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
 HIGH_BIT_DEPTH_RULES = ("window", "bit_depth", "full_range")
+# The Pillow formats opened (those of IMAGE_EXTENSIONS; MPO, a multi-picture JPEG, comes through JPEG's opener).
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# Between Pillow's default limit and data.max_pixels Pillow only warns; our own check (decode_image) decides.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,10 @@ class ImageRecipe:
     high_bit_depth, for images with more than 8 bits per sample (16-bit PNG/TIFF, 32-bit integer, float):
       window      per image, the `window` percentiles of its values map onto 0..255 (clipped outside), as
                   a radiology viewer's automatic window does; full contrast whatever bits the scanner used
-      bit_depth   scale by the bit depth the image actually uses (its maximum rounded up to 2^b - 1, b >= 8):
-                  a 12-bit scan 0..4095 maps onto 0..255; images of one bit depth keep their relative levels
+      bit_depth   scale by the bit depth of the acquisition: `bits_stored` when set (one depth for the whole
+                  dataset, e.g. 12 for a 12-bit CT series), else the smallest of 8/10/12/14/16 bits that holds
+                  the image's maximum. Raw 1000 in a 12-bit image maps to 62 whether its maximum is 4095 or
+                  2000; images of one depth keep their relative levels
       full_range  scale by the container's range (0..65535 for 16-bit): a 12-bit scan ends up at 0..16
     """
 
@@ -51,6 +57,8 @@ class ImageRecipe:
     # scaling, Pillow's `draft`) before the resize: 2x faster on 512 px files, pixels within a few levels of a
     # full decode. False for models recorded before this existed (their info.json has no such key).
     jpeg_scaling: bool = False
+    # bit_depth's scale for every image of the dataset (9..16); None: each image's smallest standard depth.
+    bits_stored: int | None = None
 
     @classmethod
     def from_params(cls, data: dict[str, Any]) -> ImageRecipe:
@@ -61,6 +69,7 @@ class ImageRecipe:
             high_bit_depth=data["high_bit_depth"],
             window=tuple(data["window"]),  # type: ignore[arg-type]
             jpeg_scaling=bool(data.get("jpeg_scaling", False)),
+            bits_stored=data.get("bits_stored"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,58 +88,85 @@ def decode_image(
 ) -> tuple[Image.Image, str, str]:
     """Fully decode `path` to an RGB 8-bit image. Returns (image, original mode, file format). With `size` (the
     side the image will be resized to) and `recipe.jpeg_scaling`, a large JPEG is decoded at a reduced scale
-    no smaller than `size`."""
+    no smaller than `size`.
+
+    Only the formats of IMAGE_EXTENSIONS are opened, whatever the file's name: a PostScript file named `x.png`
+    is not handed to Ghostscript. The pixel limit is checked on the header's size before anything is decoded,
+    without touching Pillow's global settings (safe with several loader threads)."""
     max_pixels = recipe.max_pixels
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            # Pillow warns between 1x and 2x the limit and raises above 2x: both are bombs here.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                mode, fmt = im.mode, im.format or ""
-                if size and recipe.jpeg_scaling and fmt == "JPEG":
-                    im.draft(im.mode, (size, size))  # keeps the mode; the scale keeps both sides >= size
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im, recipe), mode, fmt
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageSkip(f"decompression bomb: more pixels than data.max_pixels={max_pixels} ({exc})") from None
+        with Image.open(path, formats=PIL_FORMATS) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageSkip(
+                    f"decompression bomb: {im.width}x{im.height} px, more than data.max_pixels={max_pixels}"
+                )
+            mode, fmt = im.mode, im.format or ""
+            if size and recipe.jpeg_scaling and fmt in ("JPEG", "MPO"):
+                im.draft(im.mode, (size, size))  # keeps the mode; the scale keeps both sides >= size
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im, recipe), mode, fmt
+    except Image.DecompressionBombError as exc:  # Pillow's own hard limit (2x its default), whatever ours is
+        raise ImageSkip(f"decompression bomb: more pixels than Pillow decodes ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageSkip("not a decodable image (content is not a known image format)") from None
+        raise ImageSkip(
+            f"not a decodable image (content is none of {', '.join(PIL_FORMATS)}, whatever the extension)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageSkip(f"truncated or corrupt image ({exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
 
 
-def high_bit_depth_to_8bit(array: np.ndarray, rule: str, window: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+STANDARD_BITS = (8, 10, 12, 14, 16)
+
+
+def stored_bits(maximum: float, bits_stored: int | None = None) -> int:
+    """The acquisition's bit depth: `bits_stored` when known, else the smallest standard depth holding `maximum`
+    (above 16 bits: the smallest power of two that holds it)."""
+    if bits_stored:
+        return int(bits_stored)
+    for bits in STANDARD_BITS:
+        if maximum <= 2**bits - 1:
+            return bits
+    return max(17, math.ceil(math.log2(maximum + 1)))
+
+
+def high_bit_depth_to_8bit(
+    array: np.ndarray, rule: str, window: tuple[float, float] = (0.5, 99.5), bits_stored: int | None = None
+) -> np.ndarray:
     """Map samples of more than 8 bits onto uint8 0..255 by `rule` (see ImageRecipe); never wraps around.
 
     Only finite values set the scale: NaN (e.g. the background of a registered scan) and -inf become 0,
-    +inf becomes 255. Float images whose values lie in 0..1 are taken as 0..1 intensities."""
-    values = array.astype(np.float64)
-    finite = values[np.isfinite(values)]
+    +inf becomes 255. Float images whose values lie in 0..1 are taken as 0..1 intensities.
+    Memory: one float32 working copy, scaled in place (4 bytes per pixel, plus the percentile's copy)."""
+    values = array.astype(np.float32)  # (H, W): the one working copy
+    integer = array.dtype.kind in "iu"
+    finite = values if integer else values[np.isfinite(values)]  # integers are all finite: no copy
     if finite.size == 0:
         return np.zeros(array.shape, dtype=np.uint8)
     if rule == "window":
-        low, high = np.percentile(finite, window)
+        low, high = (float(x) for x in np.percentile(finite, window))
         if high <= low:  # (nearly) constant image: fall back to its own range
-            low, high = finite.min(), finite.max()
+            low, high = float(finite.min()), float(finite.max())
         span = high - low if high > low else 1.0
-        scaled = (values - low) / span * 255.0
+        values -= low
+        values *= 255.0 / span
     elif rule in ("bit_depth", "full_range"):
-        if array.dtype.kind == "f" and finite.min() >= 0 and finite.max() <= 1:
+        lowest, highest = float(finite.min()), float(finite.max())
+        if not integer and lowest >= 0 and highest <= 1:
             top = 1.0
         elif rule == "bit_depth":
-            top = 2.0 ** max(8, math.ceil(math.log2(max(finite.max(), 0.0) + 1))) - 1
+            top = 2.0 ** stored_bits(max(highest, 0.0), bits_stored) - 1
         else:  # the container: 16-bit unless the values need more
-            top = 65535.0 if finite.min() >= 0 and finite.max() <= 65535 else 2.0**32 - 1
-        scaled = np.maximum(values, 0.0) / top * 255.0  # negative values (signed data) show as black
+            top = 65535.0 if lowest >= 0 and highest <= 65535 else 2.0**32 - 1
+        np.maximum(values, 0.0, out=values)  # negative values (signed data) show as black
+        values *= 255.0 / top
     else:
         raise ValueError(f"high_bit_depth must be one of {', '.join(HIGH_BIT_DEPTH_RULES)}. Received: {rule!r}")
-    scaled = np.where(np.isnan(values), 0.0, scaled)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)  # +inf -> 255, -inf -> 0
+    if not integer:
+        values[np.isnan(values)] = 0.0
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)  # +inf -> 255, -inf -> 0
+    return values.astype(np.uint8)
 
 
 def to_rgb(im: Image.Image, recipe: ImageRecipe = DEFAULT_RECIPE) -> Image.Image:
@@ -138,8 +174,9 @@ def to_rgb(im: Image.Image, recipe: ImageRecipe = DEFAULT_RECIPE) -> Image.Image
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(im)
         if im.mode.startswith("I;16"):
-            array = array.astype(np.uint16)
-        return Image.fromarray(high_bit_depth_to_8bit(array, recipe.high_bit_depth, recipe.window)).convert("RGB")
+            array = array.astype(np.uint16, copy=False)
+        rgb = high_bit_depth_to_8bit(array, recipe.high_bit_depth, recipe.window, recipe.bits_stored)
+        return Image.fromarray(rgb).convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -149,6 +186,19 @@ def to_rgb(im: Image.Image, recipe: ImageRecipe = DEFAULT_RECIPE) -> Image.Image
     if im.mode != "RGB":
         return im.convert("RGB")
     return im
+
+
+def try_load_image(
+    path: str | Path, image_size: int, recipe: ImageRecipe = DEFAULT_RECIPE
+) -> tuple[np.ndarray | None, str]:
+    """(load_image's array, "") or (None, why the file cannot be used): the one place a failed decode becomes a
+    reason. Stages turn it into a stop (features.load_or_stop), predict into an error row."""
+    try:
+        return load_image(path, image_size, recipe), ""
+    except ImageSkip as exc:
+        return None, str(exc)
+    except OSError as exc:  # gone, or no permission, since it was listed
+        return None, f"unreadable ({exc.strerror or exc})"
 
 
 def load_image(path: str | Path, image_size: int, recipe: ImageRecipe = DEFAULT_RECIPE) -> np.ndarray:

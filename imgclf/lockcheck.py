@@ -14,12 +14,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 
-def stale_stages(status: dict[str, Any]) -> dict[str, list[str]]:
-    """From `dvc status --json`: each stage whose command, params, or dependencies (modified, or new to the
-    stage) changed, with what changed. Dependencies that are only missing ("deleted": an upstream output not
-    pulled) and changed outputs do not count. DVC lists a params file among the changed deps, with a dict of
-    the changed keys: `{"changed deps": {"params.yaml": {"train.lr": "modified"}}}`."""
+from imgclf.errors import USER_ERROR_EXIT, UserError
+
+
+def stale_stages(status: dict[str, Any], produced: set[str] = frozenset()) -> dict[str, list[str]]:  # type: ignore[assignment]
+    """From `dvc status --json`: each stage whose command, params or dependencies changed (a dependency modified,
+    new to the stage, or deleted when no stage produces it), or whose outputs exist but differ from dvc.lock
+    (results committed without their lock). A dependency that is only missing because it is another stage's
+    output (`produced`: the outs recorded in dvc.lock), and outputs that are missing, do not count: a fresh
+    clone has no DVC cache. DVC lists a params file among the changed deps, with a dict of the changed keys:
+    `{"changed deps": {"params.yaml": {"train.lr": "modified"}}}`."""
+
+    def is_produced(path: str) -> bool:
+        return any(path == out or path.startswith(out.rstrip("/") + "/") for out in produced)
+
     stale: dict[str, list[str]] = {}
     for stage, items in status.items():
         reasons: list[str] = []
@@ -30,11 +40,25 @@ def stale_stages(status: dict[str, Any]) -> dict[str, list[str]]:
                 for path, how in item.get("changed deps", {}).items():
                     if isinstance(how, dict):
                         reasons.append(f"params: {', '.join(sorted(how))}")
-                    elif how in ("modified", "new"):
+                    elif how in ("modified", "new") or (how == "deleted" and not is_produced(path)):
                         reasons.append(f"{path} ({how})")
+                reasons += [
+                    f"{path} (output modified)"
+                    for path, how in item.get("changed outs", {}).items()
+                    if how == "modified"
+                ]
         if reasons:
             stale[stage] = reasons
     return stale
+
+
+def produced_paths(root: Path) -> set[str]:
+    """Every output path recorded in dvc.lock."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return set()
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {out["path"] for stage in stages.values() for out in stage.get("outs", [])}
 
 
 def dvc_status(root: Path) -> dict[str, Any]:
@@ -43,12 +67,22 @@ def dvc_status(root: Path) -> dict[str, Any]:
         [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
-        raise RuntimeError(f"dvc status failed in {root}: {done.stderr.strip() or done.stdout.strip()}")
+        lines = (done.stderr.strip() or done.stdout.strip()).splitlines() or ["no output"]
+        raise UserError(f"`dvc status` failed in {root}: {lines[-1]}")
     return json.loads(done.stdout or "{}")
 
 
+def check(root: Path) -> dict[str, list[str]]:
+    """The stale stages of the project at `root`."""
+    return stale_stages(dvc_status(root), produced_paths(root))
+
+
 def main() -> int:
-    stale = stale_stages(dvc_status(Path.cwd()))
+    try:
+        stale = check(Path.cwd())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT
     for stage, reasons in stale.items():
         print(f"stale: {stage}: {'; '.join(reasons)}")
     if stale:

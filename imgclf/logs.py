@@ -48,7 +48,11 @@ CHATTER = re.compile(
 # (an abort, a fatal signal), so the last lines, often the important ones, are never lost.
 FILTER_CODE = r"""
 import os, re, signal, sys
-signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the stage; the filter drains what it printed
+# Ctrl-C, a timeout's SIGTERM, a closed terminal's SIGHUP go to the whole process group: they stop the stage, and
+# the filter outlives it to forward its last lines (often the error). It exits when the stage's pipe closes.
+for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT"):
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 chatter = re.compile(sys.argv[1].encode("latin-1"))
 pending = b""
 def forward(data):

@@ -41,6 +41,7 @@ SCHEMA: dict[str, Any] = {
         "background": "rgb",
         "high_bit_depth": HIGH_BIT_DEPTH_RULES,
         "window": "percentiles",
+        "bits_stored": "bits",
         "jpeg_scaling": "bool",
         "use_provided_splits": "bool",
         "label_conflicts": ("skip", "majority"),
@@ -168,6 +169,15 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
         if rule == "fraction" and not 0 < number < 1:
             raise UserError(f"{name}={value!r} must be strictly between 0 and 1")
         return number
+    if rule == "bits":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 9 <= value <= 16:
+            raise UserError(
+                f"{name}={value!r} must be null (each image's smallest standard depth: 8, 10, 12, 14 or 16 bits) "
+                "or the dataset's bits per sample, 9 to 16 (e.g. 12 for a 12-bit CT series)"
+            )
+        return value
     if rule == "rgb":
         if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value)) or not all(
             0 <= v <= 255 for v in value

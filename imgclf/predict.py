@@ -17,7 +17,7 @@ import pandas as pd
 
 from imgclf.errors import UserError
 from imgclf.evaluation import format_probability, probability_columns
-from imgclf.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, ImageSkip, decode_image, load_image
+from imgclf.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, load_image, try_load_image
 from imgclf.io import read_json
 from imgclf.logs import Progress
 
@@ -83,6 +83,11 @@ class Classifier:
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         return self.head.predict(features, batch_size=256, verbose=0)  # (N, K)
 
+    def predict_images(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (B, K) of one batch of decoded images (B, S, S, 3) float32 0..255."""
+        features = np.asarray(self.extractor.predict_on_batch(batch), dtype=np.float32)
+        return np.asarray(self.head.predict_on_batch(features), dtype=np.float64)
+
 
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand files and folders (recursively, image extensions, hidden files left out) into a sorted list."""
@@ -104,19 +109,6 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images found in {', '.join(map(str, inputs))} (looked for {extensions})")
     return found
-
-
-def readable(paths: list[Path], recipe: ImageRecipe = DEFAULT_RECIPE) -> dict[Path, str]:
-    """The unreadable paths with the reason, decoding each fully (as prepare does)."""
-    errors = {}
-    for path in paths:
-        try:
-            decode_image(path, recipe)
-        except ImageSkip as exc:
-            errors[path] = str(exc)
-        except OSError as exc:
-            errors[path] = f"unreadable ({exc.strerror or exc})"
-    return errors
 
 
 def check_compatible(classifiers: list[Classifier]) -> list[str]:
@@ -156,25 +148,33 @@ def table_rows(paths: list[Path], probs: dict[Path, np.ndarray], errors: dict[Pa
     return rows
 
 
-def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int = 32, chunk: int = 512) -> pd.DataFrame:
+def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int = 32) -> pd.DataFrame:
     """CSV-ready predictions: path, predicted, one probability per class, error. With several classifiers,
-    their probabilities are averaged (soft voting). Processed in chunks so memory stays flat."""
+    their probabilities are averaged (soft voting). Each image is decoded once per batch (per input size, which
+    the classifiers of one pipeline share) and every classifier runs on that batch: memory stays one batch, and
+    a file that cannot be read (or stops being readable) becomes an error row, never a stop."""
     if batch_size < 1:
         raise UserError(f"--batch-size={batch_size} must be a positive number of images per forward pass")
     classes = check_compatible(classifiers)
-    rows = []
+    recipe = classifiers[0].recipe
+    sizes = sorted({c.image_size for c in classifiers})
+    probs: dict[Path, np.ndarray] = {}
+    errors: dict[Path, str] = {}
     with Progress(len(paths), "predict") as bar:
-        for start in range(0, len(paths), chunk):
-            part = paths[start : start + chunk]
-            errors = readable(part, classifiers[0].recipe)
-            good = [p for p in part if p not in errors]
-            probs = np.zeros((len(good), len(classes)))
-            for clf in classifiers:
+        for start in range(0, len(paths), batch_size):
+            part = paths[start : start + batch_size]
+            total = np.zeros((len(part), len(classes)))
+            for size in sizes:
+                loaded = [try_load_image(p, size, recipe) for p in part]
+                errors.update({p: reason for p, (_, reason) in zip(part, loaded, strict=True) if reason})
+                good = [i for i, p in enumerate(part) if p not in errors]
                 if good:
-                    probs += clf.predict_features(clf.features(good, batch_size))
-            probs /= len(classifiers)
-            rows += table_rows(part, dict(zip(good, probs, strict=True)), errors, classes)
+                    batch = np.stack([loaded[i][0] for i in good])  # (B, S, S, 3)
+                    for clf in (c for c in classifiers if c.image_size == size):
+                        total[good] += clf.predict_images(batch)
+            probs.update({p: total[i] / len(classifiers) for i, p in enumerate(part) if p not in errors})
             bar.update(len(part))
+    rows = table_rows(paths, probs, errors, classes)
     return pd.DataFrame(rows, columns=["path", "predicted", *probability_columns(classes), "error"])
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from imgclf.distributed import BatchModel, ray_batches
 from imgclf.evaluation import probability_columns
-from imgclf.images import ImageSkip, load_image
+from imgclf.images import try_load_image
 from imgclf.logs import Progress
 from imgclf.predict import Classifier, check_compatible, table_rows
 
@@ -32,13 +32,10 @@ class ClassifierModel(BatchModel):
         return load_model(path)
 
     def read(self, path: str) -> tuple[np.ndarray, str]:
-        blank = np.zeros((self.image_size, self.image_size, 3), dtype=np.float32)
-        try:
-            return load_image(Path(path), self.image_size, self.recipe), ""
-        except ImageSkip as exc:
-            return blank, str(exc)
-        except OSError as exc:
-            return blank, f"unreadable ({exc.strerror or exc})"
+        image, reason = try_load_image(Path(path), self.image_size, self.recipe)
+        if image is None:  # a placeholder keeps the batch's shape; the row is reported as an error
+            return np.zeros((self.image_size, self.image_size, 3), dtype=np.float32), reason
+        return image, ""
 
 
 def classify_on_ray(

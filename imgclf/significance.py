@@ -34,44 +34,58 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, in
 def macro_f1_present(confusion: np.ndarray) -> float:
     """Macro F1 from a (K, K) confusion matrix (rows true, columns predicted; counts may be weights), averaged
     over the classes with at least one true image. F1 of a class with no true positives is 0."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(confusion)
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    present = support > 0
+    c = np.asarray(confusion, dtype=np.float64)
+    return float(_f1_from_counts(np.diag(c)[None], c.sum(axis=1)[None], c.sum(axis=0)[None])[0])
+
+
+CHUNK = 250  # resamples weighted at once: memory is CHUNK x images, whatever the number of resamples
+
+
+def _f1_from_counts(tp: np.ndarray, support: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Macro F1 per row from (R, K) weighted counts, over the classes with support in that row."""
     denominator = support + predicted  # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (support + predicted)
-    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-    return float(f1[present].mean()) if present.any() else 0.0
-
-
-def _confusions(y_true: np.ndarray, y_pred: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
-    """(R, K, K) confusion matrices, one per row of `weights` (R, N) image weights."""
-    cell = y_true * k + y_pred  # (N,)
-    onehot = np.zeros((len(cell), k * k))
-    onehot[np.arange(len(cell)), cell] = 1.0
-    return (weights @ onehot).reshape(-1, k, k)
-
-
-def _macro_f1_rows(confusions: np.ndarray) -> np.ndarray:
-    tp = np.diagonal(confusions, axis1=1, axis2=2)  # (R, K)
-    support, predicted = confusions.sum(axis=2), confusions.sum(axis=1)
-    denominator = support + predicted
     f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
     present = support > 0
     return np.where(present, f1, 0.0).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
 
 
-def group_weights(groups: np.ndarray | None, n_images: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n_images): how often each image is drawn when whole groups are drawn with replacement
-    (as many draws as there are groups). Without groups every image is its own group."""
+class _Resampled:
+    """Accuracy and macro F1 of predictions under many image weightings, from (N, K) indicator matrices:
+    memory grows with images x classes, never with images x classes^2."""
+
+    def __init__(self, y_true: np.ndarray, y_pred: np.ndarray, k: int) -> None:
+        eye = np.eye(k)
+        self.true, self.pred = eye[y_true], eye[y_pred]  # (N, K) each
+        self.right = y_true == y_pred  # (N,)
+        self.hits = self.true * self.right[:, None]  # (N, K): true positives by class
+
+    def __call__(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(accuracy (R,), macro F1 (R,)) for weights (R, N)."""
+        accuracy = weights @ self.right / weights.sum(axis=1)
+        f1 = _f1_from_counts(weights @ self.hits, weights @ self.true, weights @ self.pred)
+        return accuracy, f1
+
+
+def weight_chunks(groups: np.ndarray | None, n_images: int, resamples: int, seed: int):
+    """Yield (r, n_images) arrays, `resamples` rows in all: how often each image is drawn when whole groups are
+    drawn with replacement (as many draws as there are groups). Without groups every image is its own group."""
+    if resamples < 1:
+        raise ValueError(f"resamples must be 1 or more. Received: {resamples}")
     rng = np.random.default_rng(seed)
     if groups is None:
         codes, n_groups = np.arange(n_images), n_images
     else:
         _, codes = np.unique(np.asarray(groups), return_inverse=True)
         n_groups = int(codes.max()) + 1 if n_images else 0
-    draws = rng.integers(0, n_groups, (resamples, n_groups))
-    counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws]).astype(np.float64)
-    return counts[:, codes]
+    for start in range(0, resamples, CHUNK):
+        draws = rng.integers(0, n_groups, (min(CHUNK, resamples - start), n_groups))
+        counts = np.stack([np.bincount(row, minlength=n_groups) for row in draws]).astype(np.float64)
+        yield counts[:, codes]
+
+
+def group_weights(groups: np.ndarray | None, n_images: int, resamples: int, seed: int) -> np.ndarray:
+    """All of weight_chunks' rows as one (resamples, n_images) array (for small cases and tests)."""
+    return np.concatenate(list(weight_chunks(groups, n_images, resamples, seed)))
 
 
 def _percentiles(values: np.ndarray, confidence: float) -> list[float]:
@@ -89,10 +103,9 @@ def bootstrap_interval(
     groups: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals of accuracy and macro F1 (classes present), resampling whole groups."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    weights = group_weights(groups, len(y_true), resamples, seed)
-    accuracy = weights @ (y_true == y_pred) / weights.sum(axis=1)
-    f1 = _macro_f1_rows(_confusions(y_true, y_pred, weights, n_classes))
+    measure = _Resampled(np.asarray(y_true), np.asarray(y_pred), n_classes)
+    parts = [measure(w) for w in weight_chunks(groups, len(y_true), resamples, seed)]
+    accuracy, f1 = (np.concatenate(x) for x in zip(*parts, strict=True))
     return {"accuracy": _percentiles(accuracy, confidence), "macro_f1": _percentiles(f1, confidence)}
 
 
@@ -127,14 +140,14 @@ def paired_bootstrap(
     """Compare B with A on the same test images: each resample draws the same groups for both models."""
     y_true, pred_a, pred_b = (np.asarray(x) for x in (y_true, pred_a, pred_b))
     right_a, right_b = pred_a == y_true, pred_b == y_true
-    weights = group_weights(groups, len(y_true), resamples, seed)
-    total = weights.sum(axis=1)
-    accuracy_change = (weights @ right_b - weights @ right_a) / total
-    f1_change = _macro_f1_rows(_confusions(y_true, pred_b, weights, n_classes)) - _macro_f1_rows(
-        _confusions(y_true, pred_a, weights, n_classes)
-    )
-    f1_a = macro_f1_present(_confusions(y_true, pred_a, np.ones((1, len(y_true))), n_classes)[0])
-    f1_b = macro_f1_present(_confusions(y_true, pred_b, np.ones((1, len(y_true))), n_classes)[0])
+    measure_a, measure_b = _Resampled(y_true, pred_a, n_classes), _Resampled(y_true, pred_b, n_classes)
+    accuracy_change, f1_change = [], []
+    for weights in weight_chunks(groups, len(y_true), resamples, seed):  # the same groups for both models
+        (acc_a, f1_a), (acc_b, f1_b) = measure_a(weights), measure_b(weights)
+        accuracy_change.append(acc_b - acc_a)
+        f1_change.append(f1_b - f1_a)
+    once = np.ones((1, len(y_true)))
+    f1_a, f1_b = float(measure_a(once)[1][0]), float(measure_b(once)[1][0])
     right_to_wrong, wrong_to_right, p = mcnemar_exact(right_a, right_b)
     acc_a, acc_b = float(right_a.mean()), float(right_b.mean())
     return PairedComparison(
@@ -143,9 +156,9 @@ def paired_bootstrap(
         accuracy=(acc_a, acc_b),
         macro_f1=(f1_a, f1_b),
         accuracy_change=acc_b - acc_a,
-        accuracy_change_interval=tuple(_percentiles(accuracy_change, confidence)),  # type: ignore[arg-type]
+        accuracy_change_interval=tuple(_percentiles(np.concatenate(accuracy_change), confidence)),  # type: ignore[arg-type]
         macro_f1_change=f1_b - f1_a,
-        macro_f1_change_interval=tuple(_percentiles(f1_change, confidence)),  # type: ignore[arg-type]
+        macro_f1_change_interval=tuple(_percentiles(np.concatenate(f1_change), confidence)),  # type: ignore[arg-type]
         right_to_wrong=right_to_wrong,
         wrong_to_right=wrong_to_right,
         p_value=p,

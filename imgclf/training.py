@@ -74,6 +74,14 @@ def compile_model(model: keras.Model, lr: float, loss_scale: bool = False) -> No
     )
 
 
+def best_epoch_keeper(early_stopping: dict[str, Any]) -> keras.callbacks.EarlyStopping:
+    """EarlyStopping on `train.early_stopping`'s monitor and patience, restoring the best epoch's weights at the
+    end (Keras 3 restores them whether or not training stopped early)."""
+    return keras.callbacks.EarlyStopping(
+        monitor=early_stopping["monitor"], patience=early_stopping["patience"], restore_best_weights=True
+    )
+
+
 def fit_head(
     head: keras.Model,
     train: FeatureBatches,
@@ -84,11 +92,7 @@ def fit_head(
     """Adam + sparse cross-entropy; EarlyStopping restores the best weights. Returns the history, the epochs
     run and the best epoch (the timing, which varies run to run, is returned apart: `seconds`)."""
     compile_model(head, params["lr"])
-    stopper = keras.callbacks.EarlyStopping(
-        monitor=params["early_stopping"]["monitor"],
-        patience=params["early_stopping"]["patience"],
-        restore_best_weights=True,
-    )
+    stopper = best_epoch_keeper(params["early_stopping"])
     start = time.perf_counter()
     history = head.fit(
         train,
@@ -172,7 +176,8 @@ def fine_tune(
     recipe: ImageRecipe = DEFAULT_RECIPE,
     augment: AugmentParams | None = None,
 ) -> dict[str, Any]:
-    """Train end to end on images with a tiny learning rate, the top `params['layers']` backbone layers unfrozen.
+    """Train end to end on images with a tiny learning rate, the top `params['layers']` backbone layers unfrozen,
+    stopping early on `params['early_stopping']` (train's) and keeping the best fine-tuning epoch's weights.
     With `augment`, the training images get the same random transforms as the offline variants, live (the
     backbone runs every epoch here anyway); validation images never do."""
     from imgclf.device import model_precision
@@ -186,17 +191,20 @@ def fine_tune(
         labels = frame.label.map(index).to_numpy()
         return ImageBatches(paths, labels, image_size, params["batch_size"], shuffle_seed, recipe, live)
 
+    stopper = best_epoch_keeper(params["early_stopping"])
     start = time.perf_counter()
     history = full.fit(
         data(train, seed, augment),
         validation_data=data(val, None, None),
         epochs=params["epochs"],
-        callbacks=list(callbacks),
+        callbacks=[stopper, *callbacks],
         verbose=0,
     )
     backbone.trainable = False
     return {
         "history": history_lists(history),
         "unfrozen_layers": unfrozen,
+        "epochs_run": len(history.history["loss"]),
+        "best_epoch": int(stopper.best_epoch) + 1,
         "seconds": round(time.perf_counter() - start, 2),
     }

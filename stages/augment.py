@@ -16,7 +16,8 @@ import numpy as np
 
 from imgclf.augment import AugmentParams, make_variant
 from imgclf.errors import log, stage_main
-from imgclf.features import EXTRACTOR_FILE, INFO_FILE, compute_features, unique_images, write_empty_features
+from imgclf.features import EXTRACTOR_FILE, EXTRACTOR_INFO_FILE, compute_features, write_empty_features
+from imgclf.imagelist import unique_images
 from imgclf.images import ImageRecipe
 from imgclf.io import read_csv, read_json
 from imgclf.params import load_params
@@ -33,7 +34,7 @@ def main() -> None:
     params = load_params()
     seed = params["base"]["seed"]
     augment = AugmentParams.from_params(params["augment"])
-    features_info = read_json(args.features / INFO_FILE)
+    features_info = read_json(args.features / EXTRACTOR_INFO_FILE)  # what the extractor is (not its images)
     if augment.copies == 0:  # nothing to compute (and no TensorFlow to start): an empty set, whatever the strengths
         write_empty_features(args.out_dir, features_info["feature_shape"], {"backbone": args.backbone, "copies": 0})
         log.info("augment@%s: augment.copies is 0, no variants", args.backbone)
@@ -67,13 +68,9 @@ def main() -> None:
         desc=f"augment@{args.backbone}",
         save_extractor=False,  # the one in the features directory made these
     )
-    seconds = time.perf_counter() - start
-    originals = features_info["images"]
     log.info(
-        "augment@%s: %d backbone passes (%d unique training images x %d copies) in %.1f s; with features@%s's %d, "
-        "%d in all = %d x (1 + %d) + %d validation and test",
-        args.backbone, len(rows), len(train), augment.copies, seconds, args.backbone, originals,
-        originals + len(rows), len(train), augment.copies, originals - len(train),
+        "augment@%s: %d backbone passes (%d unique training images x %d copies) in %.1f s",
+        args.backbone, len(rows), len(train), augment.copies, time.perf_counter() - start,
     )  # fmt: skip
 
 

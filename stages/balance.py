@@ -30,8 +30,10 @@ def main() -> None:
         "val": class_counts(splits["val"]),
         "test": class_counts(splits["test"]),
     }
-    # Tracked as metrics: the row counts (four numbers). The per-class counts are logged and shown by eda.
-    write_json(args.metrics, {"rows": {k: sum(v.values()) for k, v in counts.items()}})
+    # Tracked as metrics: the row counts (five numbers). The per-class counts are logged and shown by eda.
+    rows = {k: sum(v.values()) for k, v in counts.items()}
+    rows["held_out"] = len(read_csv(args.split_dir / "held_out.csv"))  # copies of provided test/val images
+    write_json(args.metrics, {"rows": rows})
     log.info("balance (%s): train %s -> %s", params["balance"]["method"], counts["train_before"], counts["train_after"])
 
 

@@ -69,7 +69,8 @@ def main() -> None:
     write_predictions(args.plot_dir / "val_predictions.csv", list(val.path), list(val.label), probs["val"], classes)
     # model.json (tracked in git) says where the numbers were computed: a reproduction on another CPU type is
     # judged against them statistically (`imgclf verify`), not byte for byte.
-    keys = ("backbone", "classes", "image_size", "model_params", "head_params", "best_epoch", "platform")
+    keys = ("backbone", "classes", "image_size", "precision", "model_params", "head_params", "best_epoch", "fine_tune",
+            "platform")  # fmt: skip
     write_json(args.plot_dir / "model.json", {k: info.get(k) for k in keys})
     metrics = evaluate_and_write(
         args.backbone,

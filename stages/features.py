@@ -43,7 +43,7 @@ def main() -> None:
     images = read_csv(args.images)
     precision = precision_for(features, backbone.name)
     on_ray = features["engine"] == "ray"
-    if not (on_ray and features["ray"]["gpus_per_worker"] > 0):  # else the workers' GPUs run it (they check)
+    if not on_ray:  # on Ray, each worker checks its own machine (distributed.BatchModel.check_device)
         check_precision(precision, backbone.name)
     with dtype_policy(precision):  # the backbone's layers compute in this precision (variables stay float32)
         model, weights = build_backbone(backbone, features["image_size"], features["weights"])

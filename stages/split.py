@@ -6,9 +6,9 @@ python -m stages.split --manifest data/prepared/manifest.csv --out-dir data/spli
 import argparse
 from pathlib import Path
 
-from imgclf.data import class_counts, split_manifest
+from imgclf.data import class_counts, held_out, split_manifest
 from imgclf.errors import log, stage_main
-from imgclf.features import unique_images
+from imgclf.imagelist import unique_images
 from imgclf.io import read_csv, write_csv
 from imgclf.params import load_params
 
@@ -32,6 +32,14 @@ def main() -> None:
     for name, frame in splits.items():
         write_csv(frame, args.out_dir / f"{name}.csv")
         log.info("split: %-5s %4d images %s", name, len(frame), class_counts(frame))
+    held = held_out(manifest, splits)
+    write_csv(held, args.out_dir / "held_out.csv")
+    if len(held):
+        log.warning(
+            "split: %d image(s) held out of every split: copies or near-copies of provided test or validation "
+            "images in another split's folder (the provided folders stay as given); listed in %s",
+            len(held), args.out_dir / "held_out.csv",
+        )  # fmt: skip
     # The images the backbone passes read, one row per content: features@ depends on this list alone, so a
     # change of the split ratios (which moves images between splits) does not rerun a backbone pass.
     write_csv(unique_images(list(splits.values())), args.out_dir / "images.csv")

@@ -99,7 +99,7 @@ def main() -> None:
                 root=params["data"]["root"],
                 classes=classes,
                 image_size=image_size,
-                params=params["fine_tune"],
+                params={**params["fine_tune"], "early_stopping": tp["early_stopping"]},
                 seed=seed,
                 callbacks=[LiveLogger(live, f"{desc} fine-tune")],
                 recipe=recipe,
@@ -107,7 +107,9 @@ def main() -> None:
             )
             history = {k: history[k] + fine["history"][k] for k in history}
 
-    best = result["best_epoch"] - 1
+    # The saved model is the last phase's best epoch: fine-tuning's when it ran, else the head's.
+    final = fine or result
+    best = final["best_epoch"] - 1
     # Only what the images, params and code determine: no timing (it goes to the log line), so an
     # identical rerun writes identical bytes and DVC sees no change downstream.
     info = {
@@ -124,8 +126,10 @@ def main() -> None:
         "fine_tuned_layers": fine["unfrozen_layers"] if fine else [],
         "epochs_run": result["epochs_run"],
         "best_epoch": result["best_epoch"],
-        "best_val_accuracy": round(result["history"]["val_accuracy"][best], 6),
-        "best_val_loss": round(result["history"]["val_loss"][best], 6),
+        "fine_tune": {"epochs_run": fine["epochs_run"], "best_epoch": fine["best_epoch"]} if fine else None,
+        # Of the saved model (after fine-tuning when it ran), on the validation split.
+        "best_val_accuracy": round(final["history"]["val_accuracy"][best], 6),
+        "best_val_loss": round(final["history"]["val_loss"][best], 6),
         "head_params": count_params(head),
         "model_params": count_params(full),
         "train_params": tp,
@@ -137,12 +141,13 @@ def main() -> None:
         save_keras(head, tmp / "head.keras")
         save_keras(full, tmp / "model.keras")
         write_json(tmp / "info.json", info)
-    history_plot(history, args.plot, title=backbone.name, best_epoch=result["best_epoch"])
+    saved_epoch = result["epochs_run"] + fine["best_epoch"] if fine else result["best_epoch"]
+    history_plot(history, args.plot, title=backbone.name, best_epoch=saved_epoch)
     log.info(
         "train@%s: %d epochs (best %d), val accuracy %.4f, %.1f s",
         backbone.name,
-        result["epochs_run"],
-        result["best_epoch"],
+        result["epochs_run"] + (fine["epochs_run"] if fine else 0),
+        saved_epoch,
         info["best_val_accuracy"],
         result["seconds"] + (fine["seconds"] if fine else 0),
     )

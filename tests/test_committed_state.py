@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import dvc, run
 
-from imgclf.lockcheck import dvc_status, stale_stages
+from imgclf.lockcheck import check, stale_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_this_repository_has_no_stale_stage() -> None:
     """Fails when a commit changes code or params a stage depends on without rerunning `dvc repro` and
     committing dvc.lock and the results: a fresh clone would then rerun the stage and change the results."""
-    stale = stale_stages(dvc_status(ROOT))
+    stale = check(ROOT)
     assert not stale, "run `dvc repro` and commit dvc.lock with the results; stale: " + "; ".join(
         f"{stage}: {', '.join(reasons)}" for stage, reasons in stale.items()
     )
@@ -32,7 +32,13 @@ def test_status_parsing_counts_changed_code_and_params_but_not_missing_outputs()
         "compare": ["changed command"],
         "split": [{"changed deps": {"imgclf/groups.py": "new"}}],
     }
-    assert stale_stages(status) == {
+    status["prepare"] = [
+        {"changed deps": {"data/mine": "deleted"}},
+        {"changed outs": {"metrics/prepare.json": "modified"}},
+    ]
+    produced = {"data/split", "data/features/vgg16"}  # in dvc.lock: a missing one is just not pulled
+    assert stale_stages(status, produced) == {
+        "prepare": ["data/mine (deleted)", "metrics/prepare.json (output modified)"],
         "features@vgg16": ["imgclf/device.py (modified)"],
         "evaluate@vgg16": ["params: evaluate.bootstrap"],
         "compare": ["command"],
@@ -56,12 +62,14 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 def test_a_deliberately_stale_lock_is_found(tiny_project: Path) -> None:
-    assert stale_stages(dvc_status(tiny_project)) == {}
+    assert check(tiny_project) == {}
+    (tiny_project / "out.txt").write_text("edited by hand\n")  # a result that is not what the lock recorded
+    assert check(tiny_project) == {"copy": ["out.txt (output modified)"]}
     (tiny_project / "out.txt").unlink()  # a missing output (a fresh clone without the cache) is fine
-    assert stale_stages(dvc_status(tiny_project)) == {}
+    assert check(tiny_project) == {}
     (tiny_project / "step.py").write_text("open('out.txt', 'w').write('changed')\n")
-    assert stale_stages(dvc_status(tiny_project)) == {"copy": ["step.py (modified)"]}
+    assert check(tiny_project) == {"copy": ["step.py (modified)"]}
     (tiny_project / "params.yaml").write_text("copy:\n  times: 2\n")
-    assert stale_stages(dvc_status(tiny_project))["copy"] == ["step.py (modified)", "params: copy.times"]
+    assert check(tiny_project)["copy"] == ["step.py (modified)", "params: copy.times"]
     done = subprocess.run([sys.executable, "-m", "imgclf.lockcheck"], cwd=tiny_project, capture_output=True, text=True)
     assert done.returncode == 1 and "stale: copy: step.py (modified); params: copy.times" in done.stdout

@@ -81,3 +81,26 @@ def test_features_tracks_every_features_key_that_shapes_the_numbers_but_not_wher
     tracked = {p for p in stages()["features"]["do"]["params"] if isinstance(p, str) and p.startswith("features")}
     expected = {f"features.{key}" for key in params["features"] if key not in ("engine", "ray", "precision_overrides")}
     assert tracked == expected | {"features.precision_overrides.${item}"}
+
+
+def test_augment_depends_on_the_extractor_it_reads_not_on_the_features() -> None:
+    deps = set(stages()["augment"]["do"]["deps"])
+    assert "${features_dir}/${item}" not in deps  # features.npy changes with every new image
+    assert {"${features_dir}/${item}/extractor.keras", "${features_dir}/${item}/extractor.json"} <= deps
+
+
+def test_every_stage_that_decodes_images_tracks_every_image_recipe_key() -> None:
+    """A field added to ImageRecipe must be tracked wherever images are decoded (dvc.yaml's *image_recipe)."""
+    from dataclasses import fields
+
+    from imgclf.images import ImageRecipe
+
+    recipe = {f"data.{f.name}" for f in fields(ImageRecipe)} | {"data.root"}
+    for name in ("eda", "features", "augment", "train", "evaluate"):
+        stage = stages()[name].get("do", stages()[name])
+        tracked = {
+            p for entry in stage["params"] for p in ([entry] if isinstance(entry, str) else entry["params.yaml"])
+        }
+        assert recipe <= tracked, f"{name} does not track {sorted(recipe - tracked)}"
+    prepare = set(stages()["prepare"]["params"])  # decodes at full size: jpeg_scaling does not apply
+    assert recipe - {"data.jpeg_scaling"} <= prepare

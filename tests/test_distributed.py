@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -90,8 +91,11 @@ def test_ray_not_installed_is_one_line_with_the_install_command(monkeypatch) -> 
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     with pytest.raises(UserError, match=r"needs Ray, which is not installed; install it with `pip install -r req"):
         import_ray()
+    # A failed import leaves the environment as it was: every later subprocess (stages, dvc) inherits it.
+    assert "RAY_AUTH_MODE" not in os.environ
 
 
 @pytest.mark.parametrize(

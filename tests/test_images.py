@@ -93,3 +93,88 @@ def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_pixels(tmp_path)
     # A model recorded before the option existed decodes as it was trained: in full.
     assert not ImageRecipe.from_params({"background": [0, 0, 0], "max_pixels": 10**8, "high_bit_depth": "window",
                                         "window": [0.5, 99.5]}).jpeg_scaling  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("maximum", "bits_stored", "raw", "expected"),
+    [
+        (4095, None, 1000, 62),  # a 12-bit image using its full range
+        (2000, None, 1000, 62),  # a darker 12-bit image: still 12 bits, so 1000 is still 62 (not 125)
+        (1000, 12, 1000, 62),  # darker still, but the dataset is declared 12-bit (data.bits_stored)
+        (1023, None, 300, 75),  # 10-bit
+        (5000, None, 5000, 78),  # 14-bit: 5000 / 16383
+        (255, None, 255, 255),  # 8-bit values in a 16-bit container
+    ],
+)
+def test_bit_depth_scales_by_the_standard_depth_not_the_image_maximum(
+    maximum: int, bits_stored: int | None, raw: int, expected: int
+) -> None:
+    from imgclf.images import high_bit_depth_to_8bit
+
+    array = np.array([[0, raw, maximum]], dtype=np.uint16)
+    assert high_bit_depth_to_8bit(array, "bit_depth", bits_stored=bits_stored)[0, 1] == expected
+
+
+def test_a_postscript_file_named_png_is_skipped_without_running_ghostscript(tmp_path: Path) -> None:
+    """Only the formats of IMAGE_EXTENSIONS are opened: an EPS payload (Pillow would hand it to Ghostscript)
+    or a PPM renamed .png is 'not a decodable image', in prepare and predict alike."""
+    from imgclf.images import ImageSkip, decode_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto 32 32 lineto stroke\nshowpage\n"
+    (tmp_path / "x.png").write_bytes(eps)
+    Image.new("RGB", (32, 32)).save(tmp_path / "y.png", format="PPM")
+    for name in ("x.png", "y.png"):
+        with pytest.raises(ImageSkip, match="not a decodable image"):
+            decode_image(tmp_path / name)
+    manifest = scan_folder(make_dataset(tmp_path / "d", {"a": 3, "b": 3}))
+    assert manifest.status.eq("ok").all()  # the supported formats still open
+
+
+def test_decoding_leaves_pillows_global_settings_alone(tmp_path: Path, monkeypatch) -> None:
+    """The pixel limit is checked on the header, not by setting Image.MAX_IMAGE_PIXELS and the warning filters
+    on every call: those are process-wide, and loader threads decode at the same time."""
+    import warnings
+
+    from PIL import ImageOps
+
+    from imgclf import images
+    from imgclf.images import ImageSkip, decode_image
+
+    Image.new("L", (40, 40)).save(tmp_path / "small.png")
+    before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+    seen = []
+    real = ImageOps.exif_transpose
+
+    def spy(im, **kwargs):
+        seen.append((Image.MAX_IMAGE_PIXELS, list(warnings.filters)))
+        return real(im, **kwargs)
+
+    monkeypatch.setattr(images.ImageOps, "exif_transpose", spy)
+    decode_image(tmp_path / "small.png", ImageRecipe(max_pixels=10_000))
+    assert seen == [before]  # mid-decode, the globals are what they were
+    with pytest.raises(ImageSkip, match=r"decompression bomb: 40x40 px, more than data.max_pixels=1000"):
+        decode_image(tmp_path / "small.png", ImageRecipe(max_pixels=1000))
+
+
+def test_high_bit_depth_conversion_holds_one_float32_copy() -> None:
+    """An 89-megapixel 16-bit TIFF passes max_pixels; it must not cost several float64 copies (8 bytes each).
+    Measured on a 1024 x 1024 image: peak allocation within 10 bytes per pixel, and the same result as the
+    float64 computation within one grey level."""
+    import tracemalloc
+
+    from imgclf.images import high_bit_depth_to_8bit
+
+    raw = np.random.default_rng(0).integers(0, 4096, (1024, 1024)).astype(np.uint16)
+    for rule in ("window", "bit_depth"):
+        tracemalloc.start()
+        out = high_bit_depth_to_8bit(raw, rule)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak <= 10 * raw.size, f"{rule}: {peak / raw.size:.1f} bytes per pixel"
+        values = raw.astype(np.float64)
+        if rule == "window":
+            low, high = np.percentile(values, (0.5, 99.5))
+            reference = np.clip(np.rint((values - low) / (high - low) * 255), 0, 255)
+        else:
+            reference = np.clip(np.rint(values / 4095 * 255), 0, 255)
+        assert np.abs(out.astype(int) - reference).max() <= 1

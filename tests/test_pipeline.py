@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from helpers import E2E_BACKBONES as BACKBONES
 from helpers import dvc, run, update_params
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
 from imgclf.io import read_csv
 
@@ -34,7 +34,8 @@ def test_repro_trains_and_records_every_backbone(trained: Path) -> None:
         # Where it was computed: the machine's type, never the host (the same type must give the same bytes).
         platform = read(trained, f"plots/backbones/{bb}/model.json")["platform"]
         assert platform["train"] == platform["features"] == features["platform"]
-        assert set(platform["train"]) == {"cpu_vendor", "cpu_flags", "gpus", "tensorflow", "keras", "numpy"}
+        assert set(platform["train"]) == {"machine", "cpu_vendor", "cpu_flags", "gpus", "tensorflow", "keras", "numpy"}
+        assert read(trained, f"plots/backbones/{bb}/model.json")["precision"] == precision
         assert platform["train"]["tensorflow"].startswith("2.") and "avx2" in platform["train"]["cpu_flags"]
         assert (trained / f"models/{bb}/model.keras").is_file() and (trained / f"models/{bb}/head.keras").is_file()
         curve = pd.read_csv(trained / f"dvclive/train/{bb}/plots/metrics/val_accuracy.tsv", sep="\t")
@@ -69,7 +70,12 @@ def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
     val = read_csv(trained / folder / "val_predictions.csv")
     assert tracked == {
         "val_accuracy": pytest.approx((val.actual == val.predicted).mean(), abs=1e-6),
-        "val_loss": metrics["validation"]["loss"],
+        "val_loss": pytest.approx(
+            log_loss(
+                val.actual, val[[f"p_{c}" for c in metrics["per_class"]]].to_numpy(), labels=list(metrics["per_class"])
+            ),
+            abs=1e-5,
+        ),
         "accuracy": metrics["accuracy"],
         "accuracy_low": metrics["ci"]["accuracy"][0],
         "accuracy_high": metrics["ci"]["accuracy"][1],
@@ -136,3 +142,19 @@ def test_fine_tuning_runs_end_to_end_and_evaluates_the_tuned_model(copy_of: Path
     info = read(copy_of, "models/vgg16/info.json")
     assert info["fine_tuned"] and info["fine_tuned_layers"] == ["block5_conv3"]  # block5_pool has no weights
     assert read(copy_of, "plots/backbones/vgg16/report.json")["test_images"] > 0
+
+
+def test_a_new_image_reruns_the_backbone_pass_but_not_the_variants_extractor_deps(copy_of: Path) -> None:
+    """augment@ depends on the extractor (extractor.keras, extractor.json), not on the features: one more image
+    reruns features@, and augment@ sees no change in what it reads (only train.csv, if the image went there)."""
+    from helpers import shape_image
+    from PIL import Image
+
+    Image.fromarray(shape_image(0, 40, np.random.default_rng(123))).convert("RGB").save(copy_of / "images/hbar/new.png")
+    out = dvc(copy_of, "repro", "features@vgg16").stdout
+    assert "Running stage 'features@vgg16'" in out
+    status = json.loads(dvc(copy_of, "status", "--json", "augment@vgg16").stdout)
+    changed = {
+        k for item in status.get("augment@vgg16", []) if isinstance(item, dict) for k in item.get("changed deps", {})
+    }
+    assert changed <= {"data/split/train.csv"}, changed

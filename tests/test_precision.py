@@ -190,3 +190,23 @@ def test_the_gpu_requirements_are_the_cpu_ones_with_tensorflows_cuda_build() -> 
     cpu, gpu = pins("requirements.txt"), pins("requirements-gpu.txt")
     assert "tensorflow-cpu==2.21.0" in cpu and "tensorflow[and-cuda]==2.21.0" in gpu
     assert [p for p in gpu if p != "tensorflow[and-cuda]==2.21.0"] == [p for p in cpu if p != "tensorflow-cpu==2.21.0"]
+
+
+def test_a_ray_worker_checks_the_precision_on_its_own_machine(monkeypatch) -> None:
+    """float16 on Ray with CPU workers: the driver may have a GPU, the worker has none; the worker stops."""
+    from types import SimpleNamespace
+
+    from imgclf import device
+    from imgclf.distributed import BatchModel
+    from imgclf.errors import UserError
+
+    worker = BatchModel.__new__(BatchModel)  # as Ray builds it, without loading a real model
+    worker.gpus = 0
+    layer = SimpleNamespace(dtype_policy=SimpleNamespace(name="mixed_float16"))
+    worker.model = SimpleNamespace(name="vgg16_extractor", layers=[layer])
+    monkeypatch.setattr(device, "visible_gpus", lambda: [])
+    with pytest.raises(UserError, match="vgg16_extractor is float16, but TensorFlow sees no GPU"):
+        worker.check_device()
+    layer.dtype_policy = SimpleNamespace(name="float32")
+    worker.check_device()  # float32: fine, and checked once
+    assert worker.checked

@@ -87,6 +87,38 @@ def test_training_testing_layout_keeps_class_labels(tmp_path: Path) -> None:
     assert check_classes(manifest) == ["glioma", "notumor"]
 
 
+@pytest.mark.parametrize("stray", ["masks", "BrainTumor", "extra_copy"])
+def test_a_stray_folder_beside_training_and_testing_is_reported_not_read_as_a_class(
+    tmp_path: Path, stray: str, caplog
+) -> None:
+    """Public archives ship Training/ and Testing/ with a masks/ folder or a nested copy beside them: the
+    split layout still holds, the stray folder's files are skipped with their reason, and prepare says so."""
+    root = tmp_path / "mri"
+    make_dataset(root / "Training", {"glioma": 4, "notumor": 4})
+    make_dataset(root / "Testing", {"glioma": 2, "notumor": 2}, seed=1)
+    make_dataset(root / stray, {"glioma": 2}, seed=2)
+    manifest = scan_folder(root)
+    ok = manifest[manifest.status == "ok"]
+    assert set(ok.label) == {"glioma", "notumor"} and set(ok.provided_split) == {"train", "test"}
+    strays = manifest[manifest.path.str.startswith(f"{stray}/")]
+    assert len(strays) == 2 and strays.reason.str.startswith("not under a split folder").all()
+    assert f"ignoring the other top-level folder(s) {stray}/" in caplog.text
+
+
+def test_split_named_folders_without_class_folders_stop_with_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    make_dataset(root, {"Training": 4, "Testing": 4})  # images straight under the split-named folders
+    with pytest.raises(UserError, match=r"Testing/ holds no class sub-folders; expected Testing/<class>/<image>"):
+        scan_folder(root)
+
+
+def test_a_class_named_train_without_a_test_folder_stays_a_class_and_is_named(tmp_path: Path, caplog) -> None:
+    root = tmp_path / "d"
+    make_dataset(root, {"train": 3, "bus": 3})
+    assert set(scan_folder(root).label) == {"train", "bus"}
+    assert "class folder(s) named like a split (train)" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

@@ -88,3 +88,30 @@ def test_paired_bootstrap_of_identical_predictions_is_zero_and_of_a_crippled_mod
     assert worse.p_value < 1e-6
     assert worse.right_to_wrong == int(np.sum((good == y) & (crippled != y)))
     assert worse.accuracy_change == pytest.approx(np.mean(crippled == y) - np.mean(good == y))
+
+
+def test_macro_f1_and_its_interval_agree_when_a_class_has_no_test_image() -> None:
+    """Three classes of 30 test images, all right, and a fourth class with none: the point macro F1 and its
+    interval average over the same (present) classes, so the point lies inside (it was 0.75 outside [1, 1])."""
+    actual = ["a"] * 30 + ["b"] * 30 + ["c"] * 30
+    classes = ["a", "b", "c", "d"]
+    probs = np.eye(4)[[classes.index(x) for x in actual]]
+    metrics = compute_metrics(actual, probs, classes, n_bootstrap=200, confidence=0.95, seed=0)
+    low, high = metrics["ci"]["macro_f1"]
+    assert metrics["macro"]["f1"] == 1.0 and low <= 1.0 <= high
+
+
+def test_resampling_memory_grows_with_images_times_classes_not_classes_squared() -> None:
+    """2,000 test images of 200 classes, 1,000 resamples: an (N, K^2) one-hot would take 640 MB; (N, K)
+    indicators and 250 resamples at a time stay within a few tens of MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 200, 2000)
+    pred = np.where(rng.random(2000) < 0.7, y, rng.integers(0, 200, 2000))
+    tracemalloc.start()
+    interval = bootstrap_interval(y, pred, 200, 1000, 0.95, seed=3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 60e6, f"{peak / 1e6:.0f} MB"
+    assert interval["accuracy"][0] < np.mean(y == pred) < interval["accuracy"][1]

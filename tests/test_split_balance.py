@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from helpers import dvc, make_dataset, make_project, update_params
 
-from imgclf.data import balance_train, class_counts, resolve_conflicts, scan_folder, split_manifest
+from imgclf.data import balance_train, class_counts, held_out, resolve_conflicts, scan_folder, split_manifest
 from imgclf.errors import UserError
 from imgclf.io import read_csv
 
@@ -50,21 +50,29 @@ def test_class_too_small_names_class_count_and_minimum(tmp_path: Path) -> None:
         split_manifest(manifest, val=0.15, test=0.15, seed=0)
 
 
-def test_provided_test_folder_is_kept_and_its_copies_follow_it(tmp_path: Path) -> None:
+def test_provided_test_folder_is_kept_exactly_and_its_copies_are_held_out_of_training(tmp_path: Path) -> None:
     root = tmp_path / "mri"
     make_dataset(root / "Training", {"glioma": 20, "notumor": 20})
     make_dataset(root / "Testing", {"glioma": 5, "notumor": 5}, seed=1)
     leaked = root / "Training" / "glioma" / "leaked.png"
     leaked.write_bytes((root / "Testing" / "glioma" / "glioma_000.png").read_bytes())
     manifest, _ = resolve_conflicts(scan_folder(root), "skip")
+    # A near-copy group (as prepare forms them) that joins a training image to a test image.
+    manifest.loc[manifest.path == "Training/notumor/notumor_003.png", "group"] = manifest.loc[
+        manifest.path == "Testing/notumor/notumor_002.png", "group"
+    ].item()
     splits = split_manifest(manifest, val=0.2, test=0.2, seed=0, use_provided_splits=True)
-    assert set(splits["test"].provided_split) == {"test", "train"}  # Testing/ plus the leaked copy
-    assert "Training/glioma/leaked.png" in set(splits["test"].path)
-    assert (splits["test"].provided_split == "test").sum() == 10
-    assert set(splits["train"].provided_split) == {"train"}
+    testing = set(manifest.path[(manifest.provided_split == "test") & (manifest.status == "ok")])
+    assert set(splits["test"].path) == testing and len(testing) == 10  # the official test set, unchanged
+    held = held_out(manifest, splits)
+    assert list(held.path) == ["Training/glioma/leaked.png", "Training/notumor/notumor_003.png"]
+    assert held.reason.str.contains("provided test folder").all()
+    assert not any(set(held.path) & set(df.path) for df in splits.values())
+    assert set(splits["train"].provided_split) == set(splits["val"].provided_split) == {"train"}
     pooled = split_manifest(manifest, val=0.2, test=0.2, seed=0, use_provided_splits=False)
     assert abs(len(pooled["test"]) - 0.2 * 51) <= 2  # everything pooled, then split by the ratios
     assert sum(len(df) for df in pooled.values()) == 51  # 50 made + the leaked copy
+    assert held_out(manifest, pooled).empty
 
 
 def test_balance_equalises_train_only(manifest: pd.DataFrame) -> None:
@@ -105,10 +113,12 @@ def test_a_file_in_both_validation_and_test_folders_is_kept_in_test_only(tmp_pat
     twin = (root / "Testing" / "notumor" / "notumor_001.png").read_bytes()
     (root / "Validation" / "notumor" / "twin.png").write_bytes(twin)
     (root / "Training" / "notumor" / "twin.png").write_bytes(twin)
-    splits = split_manifest(scan_folder(root), val=0.2, test=0.2, seed=0, use_provided_splits=True)
+    manifest = scan_folder(root)
+    splits = split_manifest(manifest, val=0.2, test=0.2, seed=0, use_provided_splits=True)
     where = {name: set(df.path) for name, df in splits.items()}
-    assert {"Validation/notumor/twin.png", "Training/notumor/twin.png"} <= where["test"]
-    assert not any("twin" in p for p in where["val"] | where["train"])
+    assert where["test"] == {p for p in manifest.path if p.startswith("Testing/")}  # as given
+    assert where["val"] == {p for p in manifest.path if p.startswith("Validation/")} - {"Validation/notumor/twin.png"}
+    assert list(held_out(manifest, splits).path) == ["Training/notumor/twin.png", "Validation/notumor/twin.png"]
     hashes = {name: set(df.sha256) for name, df in splits.items()}
     assert not (hashes["val"] & hashes["test"] or hashes["train"] & hashes["test"] or hashes["train"] & hashes["val"])
 

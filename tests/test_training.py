@@ -27,8 +27,20 @@ def test_fine_tune_changes_only_the_unfrozen_top_layers(tmp_path: Path) -> None:
     backbone = backbone_of(extractor)
     before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers}
 
-    params = {"layers": 3, "lr": 1e-2, "epochs": 1, "batch_size": 8}
+    # lr 1e-2: the validation loss jumps about, so the best epoch is seldom the last.
+    params = {"layers": 3, "lr": 1e-2, "epochs": 4, "batch_size": 8,
+              "early_stopping": {"monitor": "val_loss", "patience": 4}}  # fmt: skip
     result = fine_tune(full, backbone, frame, frame, root, ["a", "b"], 71, params, seed=0)
+
+    # The model kept is the best fine-tuning epoch's (restored), and the result says which epoch that was.
+    assert 1 <= result["best_epoch"] <= result["epochs_run"] == 4
+    best_loss = min(result["history"]["val_loss"])
+    assert result["history"]["val_loss"][result["best_epoch"] - 1] == best_loss
+    from imgclf.training import ImageBatches
+
+    paths, labels = [root / p for p in frame.path], frame.label.map({"a": 0, "b": 1}).to_numpy()
+    loss_now = full.evaluate(ImageBatches(paths, labels, 71, 8), verbose=0)[0]
+    assert abs(loss_now - best_loss) < 1e-4 * max(1.0, best_loss), (loss_now, result["history"]["val_loss"])
 
     # the top 3: block14_sepconv2, its BatchNorm (kept frozen), its activation
     assert result["unfrozen_layers"] == ["block14_sepconv2"]

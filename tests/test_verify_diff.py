@@ -128,7 +128,8 @@ def test_an_experiment_name_resolves_to_its_ref(repo) -> None:
     path, actual, paths, predicted = repo
     write_model(path, "m1", flipped(predicted["m1"], actual, 50), actual, paths)
     git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "exp")
-    git(path, "update-ref", "refs/exps/ab/cdef0123/crippled-head", "HEAD")
+    baseline = git(path, "rev-parse", "HEAD~1").strip()
+    git(path, "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/crippled-head", "HEAD")  # as DVC stores it
     git(path, "reset", "-q", "--hard", "HEAD~1")
     assert verdicts(path, "HEAD", "crippled-head")["m1"] == BEYOND
 
@@ -138,3 +139,59 @@ def test_result_paths_are_the_ones_dvc_yaml_declares() -> None:
     for backbone_path, ensemble_path in RESULT_FILES.values():
         assert backbone_path.replace("{m}", "${item}") in text
         assert ensemble_path is None or ensemble_path in text
+
+
+def test_the_threshold_is_corrected_for_the_number_of_models(repo) -> None:
+    """6 images flipped one way and none the other: p = 2 / 2^6 = 0.031, below 0.05 but above 0.05 / 3 (three
+    models judged): within noise. Without the correction it would be a false alarm."""
+    path, actual, paths, predicted = repo
+    write_model(path, "m1", flipped(predicted["m1"], actual, 6), actual, paths)
+    judgements, _ = judge_all("HEAD", "workspace", 0.05, 200, 0.95, 0, root=path)
+    m1 = next(j for j in judgements if j.model == "m1")
+    assert m1.comparison.p_value == pytest.approx(2 / 2**6) and m1.verdict == WITHIN
+    judgements, _ = judge_all("HEAD", "workspace", 0.2, 200, 0.95, 0, root=path)  # 0.2 / 3 = 0.067 > 0.031
+    assert next(j for j in judgements if j.model == "m1").verdict == BEYOND
+
+
+def test_interval_membership_and_an_old_revision_without_groups(repo) -> None:
+    path, actual, paths, predicted = repo
+    # An old commit: predictions without the group column (resampled by image), and an accuracy interval.
+    old = path / "plots/backbones/m1/predictions.csv"
+    old.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 2)
+                             for line in old.read_text().splitlines()) + "\n")  # fmt: skip
+    git(path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "old format")
+    write_model(path, "m1", flipped(predicted["m1"], actual, 12), actual, paths)  # 8 points below: outside ±5
+    judgements, _ = judge_all("HEAD", "workspace", 0.05, 200, 0.95, 0, root=path)
+    m1 = next(j for j in judgements if j.model == "m1")
+    assert m1.in_interval is False and m1.resampled == "groups"  # the workspace side has groups
+    assert next(j for j in judgements if j.model == "m2").in_interval is True
+
+
+def test_verify_refuses_a_workspace_with_other_backbones_and_diff_notes_them(repo, monkeypatch, capsys) -> None:
+    path, *_ = repo
+    monkeypatch.chdir(path)
+    (path / "params.yaml").write_text(yaml.safe_dump({"backbones": ["m1"]}))
+    assert main(["verify"]) == 2
+    assert "not a run of HEAD's pipeline (m2: only in HEAD" in capsys.readouterr().err
+    assert main(["diff", "HEAD", "workspace"]) == 0
+    out = capsys.readouterr().out
+    assert "note: m2: only in HEAD" in out and "note: ensemble: not compared" in out
+    (path / "params.yaml").write_text(yaml.safe_dump({"backbones": ["m3"]}))
+    assert main(["diff", "HEAD", "workspace"]) == 2
+    assert "share no backbone" in capsys.readouterr().err
+
+
+def test_an_experiment_name_on_two_baselines_is_ambiguous_and_dvc_machinery_refs_are_not_names(repo) -> None:
+    path, *_ = repo
+    head = git(path, "rev-parse", "HEAD").strip()
+    git(path, "update-ref", "refs/exps/exec/EXEC_HEAD", head)
+    with pytest.raises(UserError, match="neither a git revision nor an experiment name"):
+        judge_all("HEAD", "EXEC_HEAD", 0.05, 10, 0.95, 0, root=path)
+    other = "f" * 40
+    git(path, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/twin", head)
+    git(path, "update-ref", f"refs/exps/{other[:2]}/{other[2:]}/twin", head)
+    assert judge_all("HEAD", "twin", 0.05, 10, 0.95, 0, root=path)[0]  # the one on HEAD's baseline
+    git(path, "update-ref", "-d", f"refs/exps/{head[:2]}/{head[2:]}/twin")
+    git(path, "update-ref", f"refs/exps/{'e' * 2}/{'e' * 38}/twin", head)
+    with pytest.raises(UserError, match="experiment name 'twin' is ambiguous"):
+        judge_all("HEAD", "twin", 0.05, 10, 0.95, 0, root=path)
