@@ -39,7 +39,7 @@ def datasets(tmp: Path) -> dict[str, tuple[Path, dict]]:
 def run(root: Path, precision: str, extra: dict, tmp: Path) -> dict:
     from helpers import dvc, make_project
 
-    from imgclf.io import read_csv
+    from imgclf.core.io import read_csv
 
     (tmp / f"{root.name}-{precision}").mkdir()
     project = make_project(tmp / f"{root.name}-{precision}", {
@@ -58,9 +58,9 @@ def run(root: Path, precision: str, extra: dict, tmp: Path) -> dict:
 def same_head(f32: dict, bf16: dict, bb: str) -> float:
     """The float32 run's head on the bfloat16 run's test features: the effect of the precision alone (no
     retraining), as when a model trained in float32 is served with a bfloat16 backbone pass."""
-    from imgclf.io import read_csv, read_json
-    from imgclf.model import load_model
-    from imgclf.store import FeatureStore
+    from imgclf.core.io import read_csv, read_json
+    from imgclf.features.store import FeatureStore
+    from imgclf.head.model import load_model
 
     test = read_csv(bf16["project"] / "data/split/test.csv")
     head = load_model(str(f32["project"] / f"models/{bb}/head.keras"))

@@ -48,21 +48,21 @@ def sample_paths(n: int) -> list[Path]:
 
 def size_for(backbone: str, cfg: dict) -> int:
     """The mode's image size, raised to the backbone's minimum (Xception: 71) where needed."""
-    from imgclf.backbones import get_backbone
+    from imgclf.features.backbones import get_backbone
 
     return max(cfg["size"], get_backbone(backbone).min_size)
 
 
 def build(backbone: str, size: int):
-    from imgclf.backbones import build_backbone, get_backbone
-    from imgclf.extractor import build_extractor
+    from imgclf.features.backbones import build_backbone, get_backbone
+    from imgclf.features.extractor import build_extractor
 
     model, _ = build_backbone(get_backbone(backbone), size, "none")
     return build_extractor(model, backbone, size, "backbone")
 
 
 def head_for(shape, classes: int, features=None):
-    from imgclf.model import build_attention_head
+    from imgclf.head.model import build_attention_head
 
     stats = {}
     if features is not None:
@@ -71,7 +71,7 @@ def head_for(shape, classes: int, features=None):
 
 
 def fit(model, x, y, epochs: int, batch: int) -> None:
-    from imgclf.training import compile_model
+    from imgclf.head.training import compile_model
 
     compile_model(model, 3e-4)
     model.fit(x, y, epochs=epochs, batch_size=batch, shuffle=True, verbose=0)
@@ -82,10 +82,10 @@ def training_time(backbone: str, cfg: dict) -> dict:
     cfg = {**cfg, "size": size_for(backbone, cfg)}
     import numpy as np
 
-    from imgclf.features import iter_features
-    from imgclf.images import load_image
-    from imgclf.model import build_end_to_end
-    from imgclf.repro import seed_everything
+    from imgclf.core.repro import seed_everything
+    from imgclf.data.images import load_image
+    from imgclf.features.backbone_pass import iter_features
+    from imgclf.head.model import build_end_to_end
 
     seed_everything(0)
     paths = sample_paths(cfg["images"])
@@ -118,8 +118,8 @@ def input_pipeline(backbone: str, cfg: dict) -> dict:
     cfg = {**cfg, "size": size_for(backbone, cfg)}
     import numpy as np
 
-    from imgclf.features import iter_features
-    from imgclf.images import load_image
+    from imgclf.data.images import load_image
+    from imgclf.features.backbone_pass import iter_features
 
     paths = sample_paths(cfg["images"])
     extractor = build(backbone, cfg["size"])
@@ -147,7 +147,7 @@ def rss_child(backbone: str, n: int, size: int, batch: int) -> None:
     """In a fresh process: extract features for n images to disk as features@<bb> does; print peak RSS (MB)."""
     import pandas as pd
 
-    from imgclf.features import compute_features
+    from imgclf.features.backbone_pass import compute_features
 
     paths = sample_paths(n)
     frame = pd.DataFrame({"sha256": [f"{i:064x}" for i in range(n)], "path": [str(p) for p in paths]})

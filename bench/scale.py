@@ -61,9 +61,9 @@ def jpegs(folder: Path, n: int, side: int = 512) -> list[Path]:
 
 
 def extractor(backbone: str, size: int, precision: str):
-    from imgclf.backbones import build_backbone, get_backbone
-    from imgclf.device import dtype_policy
-    from imgclf.extractor import build_extractor
+    from imgclf.features.backbones import build_backbone, get_backbone
+    from imgclf.features.device import dtype_policy
+    from imgclf.features.extractor import build_extractor
 
     with dtype_policy(precision):
         model, _ = build_backbone(get_backbone(backbone), size, "none")
@@ -86,8 +86,8 @@ def throughput(
     import numpy as np
     import pandas as pd
 
-    from imgclf.features import compute_features
-    from imgclf.images import ImageRecipe, load_image
+    from imgclf.data.images import ImageRecipe, load_image
+    from imgclf.features.backbone_pass import compute_features
 
     recipe = ImageRecipe(jpeg_scaling=jpeg_scaling)  # as params.yaml's data section gives it
     model = extractor(backbone, size, precision)
@@ -171,9 +171,9 @@ def train_child(path: str, mode: str, epochs: int) -> dict:
     import keras
     import numpy as np
 
-    from imgclf.model import build_attention_head
-    from imgclf.store import FeatureBatches, RowReader
-    from imgclf.training import compile_model
+    from imgclf.features.store import FeatureBatches, RowReader
+    from imgclf.head.model import build_attention_head
+    from imgclf.head.training import compile_model
 
     reader = RowReader(path)
     n = len(reader)
@@ -233,11 +233,11 @@ def cached_vs_fit_child(n: int, epochs: int, paths: list[str]) -> dict:
     (the frozen bfloat16 backbone inside fit, every epoch), same images, head, epochs and batch size."""
     import numpy as np
 
-    from imgclf.features import iter_features
-    from imgclf.images import load_image
-    from imgclf.model import build_attention_head, build_end_to_end
-    from imgclf.repro import seed_everything
-    from imgclf.training import compile_model
+    from imgclf.core.repro import seed_everything
+    from imgclf.data.images import load_image
+    from imgclf.features.backbone_pass import iter_features
+    from imgclf.head.model import build_attention_head, build_end_to_end
+    from imgclf.head.training import compile_model
 
     seed_everything(0)
     labels = np.arange(n) % 4

@@ -11,15 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from imgclf.errors import USER_ERROR_EXIT, UserError
-from imgclf.logs import quiet_native_stderr, setup_logging
+from imgclf.core.errors import USER_ERROR_EXIT, UserError
+from imgclf.core.logs import quiet_native_stderr, setup_logging
 
 SOME_FAILED_EXIT = 3
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from imgclf.backbones import BACKBONES
-    from imgclf.predict import ensemble_backbones
+    from imgclf.features.backbones import BACKBONES
+    from imgclf.results.predict import ensemble_backbones
 
     models_dir = Path(args.models_dir)
     if args.ray_workers < 1 or args.ray_gpus < 0:
@@ -39,21 +39,21 @@ def predict_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as the stages (repro.seed_everything)
     import tensorflow as tf
 
-    from imgclf.predict import Classifier, classify, find_images
+    from imgclf.results.predict import Classifier, classify, find_images
 
     tf.get_logger().setLevel("ERROR")  # retracing notices (one predict function per model) are not the user's concern
 
     paths = find_images(args.inputs)
     classifiers = [Classifier.load(models_dir / name) for name in names]
     if args.engine == "ray":
-        from imgclf.predict_ray import classify_on_ray
+        from imgclf.results.predict_ray import classify_on_ray
 
         options = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": 1}
         table = classify_on_ray(classifiers, paths, args.batch_size, {**options, "gpus_per_worker": args.ray_gpus})
     else:
         table = classify(classifiers, paths, batch_size=args.batch_size)
     if args.out:
-        from imgclf.io import write_csv
+        from imgclf.core.io import write_csv
 
         write_csv(table, args.out)
     else:
@@ -68,7 +68,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
 
 def render_command(args: argparse.Namespace) -> int:
-    from imgclf.render import render_plots
+    from imgclf.results.render import render_plots
 
     written = render_plots(args.out, args.format, args.revisions)
     print(f"render-plots: {len(written)} charts written to {args.out}", file=sys.stderr)
@@ -81,7 +81,7 @@ DIFFERS_EXIT = 1
 
 
 def verify_command(args: argparse.Namespace) -> int:
-    from imgclf.experiments import BEYOND, WORKSPACE, judge_all, overall, verify_report
+    from imgclf.results.experiments import BEYOND, WORKSPACE, judge_all, overall, verify_report
 
     judgements, notes = judge_all(args.against, WORKSPACE, args.alpha, args.resamples, 0.95, args.seed)
     if notes:  # another list of backbones: not a reproduction of REV, whatever the shared models say
@@ -96,7 +96,7 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def diff_command(args: argparse.Namespace) -> int:
-    from imgclf.experiments import diff_report, judge_all
+    from imgclf.results.experiments import diff_report, judge_all
 
     judgements, notes = judge_all(args.a, args.b, args.alpha, args.resamples, 0.95, args.seed)
     print(diff_report(judgements, (args.a, args.b), args.alpha, markdown=args.md))

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.errors import USER_ERROR_EXIT, UserError
+from imgclf.core.errors import USER_ERROR_EXIT, UserError
 
 
 def stale_stages(status: dict[str, Any], produced: set[str] = frozenset()) -> dict[str, list[str]]:  # type: ignore[assignment]

@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-from imgclf.backbones import BACKBONES, resolve_weights_path
-from imgclf.errors import UserError
-from imgclf.images import HIGH_BIT_DEPTH_RULES
+from imgclf.core.errors import UserError
+from imgclf.data.images import HIGH_BIT_DEPTH_RULES
+from imgclf.features.backbones import BACKBONES, resolve_weights_path
 
-PRECISIONS = ("float32", "bfloat16", "float16")  # features.precision; what each means: device.py
+PRECISIONS = ("float32", "bfloat16", "float16")  # features.precision; what each means: features/device.py
 
 # The shape of params.yaml: a type, a tuple of allowed strings, or a nested section.
 TRAIN_KEYS: dict[str, Any] = {

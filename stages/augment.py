@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.augment import AugmentParams, make_variant
-from imgclf.errors import log, stage_main
-from imgclf.features import EXTRACTOR_FILE, EXTRACTOR_INFO_FILE, compute_features, write_empty_features
-from imgclf.imagelist import unique_images
-from imgclf.images import ImageRecipe
-from imgclf.io import read_csv, read_json
+from imgclf.core.errors import log, stage_main
+from imgclf.core.io import read_csv, read_json
+from imgclf.core.repro import seed_everything
+from imgclf.data.augment import AugmentParams, make_variant
+from imgclf.data.imagelist import unique_images
+from imgclf.data.images import ImageRecipe
+from imgclf.features.backbone_pass import EXTRACTOR_FILE, EXTRACTOR_INFO_FILE, compute_features, write_empty_features
 from imgclf.params import load_params
-from imgclf.repro import seed_everything
 
 
 @stage_main
@@ -41,7 +41,7 @@ def main() -> None:
         return
     seed_everything(seed)
 
-    from imgclf.extractor import load_extractor
+    from imgclf.features.extractor import load_extractor
 
     train = unique_images([read_csv(args.train)])
     # Row i of the output: variant k of training image j, for j in order and k = 1..copies.

@@ -6,9 +6,10 @@ python -m stages.balance --split-dir data/split --out data/balanced/train.csv --
 import argparse
 from pathlib import Path
 
-from imgclf.data import balance_train, class_counts
-from imgclf.errors import log, stage_main
-from imgclf.io import read_csv, write_csv, write_json
+from imgclf.core.errors import log, stage_main
+from imgclf.core.io import read_csv, write_csv, write_json
+from imgclf.data.scan import class_counts
+from imgclf.data.split import balance_train
 from imgclf.params import load_params
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from imgclf.compare import ensemble_probabilities, markdown_table, pick_best, summary_row
-from imgclf.errors import UserError, log, stage_main
-from imgclf.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
-from imgclf.io import read_json, write_csv, write_json, write_text
+from imgclf.core.errors import UserError, log, stage_main
+from imgclf.core.io import read_json, write_csv, write_json, write_text
 from imgclf.params import load_params
-from imgclf.plots import comparison_plot
+from imgclf.results.compare import ensemble_probabilities, markdown_table, pick_best, summary_row
+from imgclf.results.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
+from imgclf.results.plots import comparison_plot
 
 
 @stage_main

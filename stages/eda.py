@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from imgclf.augment import AugmentParams, augment_preview
-from imgclf.data import class_counts
-from imgclf.errors import stage_main
-from imgclf.images import ImageRecipe
-from imgclf.io import read_csv, write_csv
+from imgclf.core.errors import stage_main
+from imgclf.core.io import read_csv, write_csv
+from imgclf.data.augment import AugmentParams, augment_preview
+from imgclf.data.images import ImageRecipe
+from imgclf.data.scan import class_counts
 from imgclf.params import load_params
-from imgclf.plots import class_count_plot, class_pie_chart, sample_grid
+from imgclf.results.plots import class_count_plot, class_pie_chart, sample_grid
 
 
 @stage_main

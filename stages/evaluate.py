@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from imgclf.errors import log, stage_main
-from imgclf.images import ImageRecipe
-from imgclf.io import read_csv, read_json, write_json
+from imgclf.core.errors import log, stage_main
+from imgclf.core.io import read_csv, read_json, write_json
+from imgclf.core.repro import seed_everything
+from imgclf.data.images import ImageRecipe
 from imgclf.params import load_params
-from imgclf.repro import seed_everything
 
 
 @stage_main
@@ -29,12 +29,12 @@ def main() -> None:
     seed = params["base"]["seed"]
     seed_everything(seed)
 
-    from imgclf.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
-    from imgclf.features import load_or_stop
-    from imgclf.model import attention_model, load_model
-    from imgclf.plots import attention_overlay
-    from imgclf.predict import Classifier
-    from imgclf.store import FeatureBatches, FeatureStore
+    from imgclf.features.backbone_pass import load_or_stop
+    from imgclf.features.store import FeatureBatches, FeatureStore
+    from imgclf.head.model import attention_model, load_model
+    from imgclf.results.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
+    from imgclf.results.plots import attention_overlay
+    from imgclf.results.predict import Classifier
 
     root = Path(params["data"]["root"])
     splits = {name: read_csv(args.split_dir / f"{name}.csv") for name in ("val", "test")}

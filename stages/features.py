@@ -11,14 +11,14 @@ import argparse
 import time
 from pathlib import Path
 
-from imgclf.backbones import build_backbone, get_backbone
-from imgclf.device import check_precision, dtype_policy, platform_record, precision_for
-from imgclf.errors import log, stage_main
-from imgclf.features import compute_features
-from imgclf.images import ImageRecipe
-from imgclf.io import read_csv
+from imgclf.core.errors import log, stage_main
+from imgclf.core.io import read_csv
+from imgclf.core.repro import seed_everything
+from imgclf.data.images import ImageRecipe
+from imgclf.features.backbone_pass import compute_features
+from imgclf.features.backbones import build_backbone, get_backbone
+from imgclf.features.device import check_precision, dtype_policy, platform_record, precision_for
 from imgclf.params import load_params
-from imgclf.repro import seed_everything
 
 
 @stage_main
@@ -33,17 +33,17 @@ def main() -> None:
     backbone = get_backbone(args.backbone)
     seed_everything(params["base"]["seed"])
 
-    from imgclf.extractor import build_extractor
+    from imgclf.features.extractor import build_extractor
 
     if features["engine"] == "ray":  # Ray is imported (and needed) only then
-        from imgclf.distributed import import_ray, ray_engine, shutdown
+        from imgclf.features.engine_ray import import_ray, ray_engine, shutdown
 
         import_ray(features["ray"]["address"])  # not installed: say so before the backbone is built
 
     images = read_csv(args.images)
     precision = precision_for(features, backbone.name)
     on_ray = features["engine"] == "ray"
-    if not on_ray:  # on Ray, each worker checks its own machine (distributed.BatchModel.check_device)
+    if not on_ray:  # on Ray, each worker checks its own machine (features/engine_ray.py: BatchModel.check_device)
         check_precision(precision, backbone.name)
     with dtype_policy(precision):  # the backbone's layers compute in this precision (variables stay float32)
         model, weights = build_backbone(backbone, features["image_size"], features["weights"])

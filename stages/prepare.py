@@ -7,18 +7,11 @@ import argparse
 import time
 from pathlib import Path
 
-from imgclf.data import (
-    ScanOptions,
-    check_classes,
-    group_near_duplicates,
-    near_duplicate_pairs,
-    resolve_conflicts,
-    scan_folder,
-    summary_line,
-)
-from imgclf.errors import log, stage_main
-from imgclf.images import ImageRecipe
-from imgclf.io import write_csv, write_json
+from imgclf.core.errors import log, stage_main
+from imgclf.core.io import write_csv, write_json
+from imgclf.data.groups import group_near_duplicates, near_duplicate_pairs, resolve_conflicts
+from imgclf.data.images import ImageRecipe
+from imgclf.data.scan import ScanOptions, check_classes, scan_folder, summary_line
 from imgclf.params import load_params
 
 

@@ -6,10 +6,11 @@ python -m stages.split --manifest data/prepared/manifest.csv --out-dir data/spli
 import argparse
 from pathlib import Path
 
-from imgclf.data import class_counts, held_out, split_manifest
-from imgclf.errors import log, stage_main
-from imgclf.imagelist import unique_images
-from imgclf.io import read_csv, write_csv
+from imgclf.core.errors import log, stage_main
+from imgclf.core.io import read_csv, write_csv
+from imgclf.data.imagelist import unique_images
+from imgclf.data.scan import class_counts
+from imgclf.data.split import held_out, split_manifest
 from imgclf.params import load_params
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.augment import AugmentParams
-from imgclf.backbones import get_backbone
-from imgclf.errors import log, stage_main
-from imgclf.images import ImageRecipe
-from imgclf.io import atomic_path, read_csv, save_keras, write_json
+from imgclf.core.errors import log, stage_main
+from imgclf.core.io import atomic_path, read_csv, save_keras, write_json
+from imgclf.core.repro import seed_everything
+from imgclf.data.augment import AugmentParams
+from imgclf.data.images import ImageRecipe
+from imgclf.features.backbones import get_backbone
 from imgclf.params import load_params, train_params
-from imgclf.repro import seed_everything
 
 
 @stage_main
@@ -35,12 +35,12 @@ def main() -> None:
     seed = params["base"]["seed"]
     seed_everything(seed)
 
-    from imgclf.device import platform_record
-    from imgclf.extractor import backbone_of
-    from imgclf.model import build_attention_head, build_end_to_end, count_params
-    from imgclf.plots import history_plot
-    from imgclf.store import FeatureBatches, FeatureStore, VariantStore
-    from imgclf.training import LiveLogger, fine_tune, fit_head, open_live
+    from imgclf.features.device import platform_record
+    from imgclf.features.extractor import backbone_of
+    from imgclf.features.store import FeatureBatches, FeatureStore, VariantStore
+    from imgclf.head.model import build_attention_head, build_end_to_end, count_params
+    from imgclf.head.training import LiveLogger, fine_tune, fit_head, open_live
+    from imgclf.results.plots import history_plot
 
     store = FeatureStore(args.features)
     train = read_csv(args.train)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from helpers import shape_image
 
-from imgclf.augment import AugmentParams, make_variant
+from imgclf.data.augment import AugmentParams, make_variant
 
 SHA = "3f" * 32
 IMAGE = np.stack([shape_image(1, 64, np.random.default_rng(0))] * 3, axis=-1).astype(np.float32)  # (64, 64, 3)
@@ -60,7 +60,7 @@ STRONG = AugmentParams(copies=1, rotation=90, zoom=0.5, translation=0.25, bright
 
 
 def test_translation_moves_the_image_by_that_fraction_and_fills_with_black() -> None:
-    from imgclf.augment import random_transform
+    from imgclf.data.augment import random_transform
 
     out = random_transform(IMAGE, Draws(shift=(1.0, 0.0)), STRONG)  # +0.25 of 64 px = 16 px to the right
     np.testing.assert_allclose(out[:, 16:], IMAGE[:, :-16], atol=1e-4)
@@ -68,7 +68,7 @@ def test_translation_moves_the_image_by_that_fraction_and_fills_with_black() -> 
 
 
 def test_rotation_and_zoom_turn_and_scale_about_the_centre() -> None:
-    from imgclf.augment import random_transform
+    from imgclf.data.augment import random_transform
 
     turned = random_transform(IMAGE, Draws(angle=1.0), STRONG)  # 90 degrees
     assert min(np.abs(turned - np.rot90(IMAGE, k)).mean() for k in (1, 3)) < 1.0
@@ -82,7 +82,7 @@ def test_rotation_and_zoom_turn_and_scale_about_the_centre() -> None:
 
 
 def test_brightness_and_contrast_leave_the_filled_border_black() -> None:
-    from imgclf.augment import random_transform
+    from imgclf.data.augment import random_transform
 
     out = random_transform(IMAGE + 50, Draws(shift=(1.0, 0.0), brightness=1.0, contrast=1.0), STRONG)
     assert out[:, :16].max() == 0 and out[:, 16:].mean() > IMAGE.mean() + 50
@@ -92,9 +92,9 @@ def test_variants_line_up_with_their_rows_and_labels(tmp_path) -> None:
     """VariantStore.take gives row j's variants 1..copies in order: train repeats each label `copies` times."""
     import pandas as pd
 
-    from imgclf.features import FEATURES_FILE, INDEX_FILE, INFO_FILE
-    from imgclf.io import write_csv, write_json
-    from imgclf.store import VariantStore
+    from imgclf.core.io import write_csv, write_json
+    from imgclf.features.backbone_pass import FEATURES_FILE, INDEX_FILE, INFO_FILE
+    from imgclf.features.store import VariantStore
 
     rows = pd.DataFrame(
         {"sha256": ["b", "b", "a", "a"], "path": ["b.png"] * 2 + ["a.png"] * 2, "variant": [1, 2, 1, 2]}

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf.backbones import BACKBONES, build_backbone, get_backbone
-from imgclf.errors import UserError
+from imgclf.core.errors import UserError
+from imgclf.features.backbones import BACKBONES, build_backbone, get_backbone
 
 # Feature map (h, w, C) at each backbone's minimum input size. Every registry entry must be listed.
 EXPECTED_AT_MIN_SIZE = {
@@ -26,7 +26,7 @@ def test_every_registered_backbone_has_an_expected_shape() -> None:
 
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_backbone_builds_frozen_at_its_minimum_size(name: str) -> None:
-    from imgclf.extractor import build_extractor
+    from imgclf.features.extractor import build_extractor
 
     backbone = get_backbone(name)
     model, record = build_backbone(backbone, backbone.min_size, "none")
@@ -42,7 +42,7 @@ def test_backbone_builds_frozen_at_its_minimum_size(name: str) -> None:
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_backbone_preprocessing_is_its_own(name: str) -> None:
     """VGG: BGR with ImageNet means subtracted (0-255 scale); MobileNet, Xception: [-1, 1]; rescale: x/255."""
-    from imgclf.extractor import Preprocess
+    from imgclf.features.extractor import Preprocess
 
     rgb = np.zeros((1, 4, 4, 3), dtype="float32")
     rgb[..., :] = [10.0, 100.0, 200.0]  # channels differ, so an RGB/BGR slip or a wrong mean shows

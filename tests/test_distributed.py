@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from helpers import dvc, env, update_params
 
-from imgclf.errors import UserError
+from imgclf.core.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_p
 
 
 def test_ray_not_installed_is_one_line_with_the_install_command(monkeypatch) -> None:
-    from imgclf.distributed import import_ray
+    from imgclf.features.engine_ray import import_ray
 
     real_import = builtins.__import__
 
@@ -107,7 +107,7 @@ def test_ray_not_installed_is_one_line_with_the_install_command(monkeypatch) -> 
     ],
 )
 def test_an_unreachable_cluster_is_reported_in_seconds(address: str, message: str) -> None:
-    from imgclf.distributed import check_reachable
+    from imgclf.features.engine_ray import check_reachable
 
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
         check_reachable(address)

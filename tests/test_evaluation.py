@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from imgclf.evaluation import compute_metrics
-from imgclf.significance import bootstrap_interval
+from imgclf.results.evaluation import compute_metrics
+from imgclf.results.significance import bootstrap_interval
 
 
 def test_binary_and_multiclass_metrics() -> None:
@@ -41,9 +41,9 @@ def test_interval_contains_its_estimate_when_a_class_is_never_predicted() -> Non
 def test_ensemble_is_renormalised_and_refuses_models_with_other_classes(tmp_path) -> None:
     import pytest
 
-    from imgclf.compare import ensemble_probabilities
-    from imgclf.errors import UserError
-    from imgclf.evaluation import write_predictions
+    from imgclf.core.errors import UserError
+    from imgclf.results.compare import ensemble_probabilities
+    from imgclf.results.evaluation import write_predictions
 
     probs = np.array([[0.6, 0.4], [0.3, 0.7]]) * 1.01  # off by 1%: written as is
     write_predictions(tmp_path / "a.csv", ["x", "y"], ["0", "1"], probs, ["0", "1"])
@@ -59,8 +59,8 @@ def test_ensemble_is_renormalised_and_refuses_models_with_other_classes(tmp_path
 def test_a_missing_features_directory_is_a_one_line_error(tmp_path) -> None:
     import pytest
 
-    from imgclf.errors import UserError
-    from imgclf.store import FeatureStore
+    from imgclf.core.errors import UserError
+    from imgclf.features.store import FeatureStore
 
     with pytest.raises(UserError, match=r"run `dvc repro features@vgg16` first"):
         FeatureStore(tmp_path / "vgg16")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from imgclf.model import attention_model, build_attention_head
+from imgclf.head.model import attention_model, build_attention_head
 
 
 @pytest.mark.parametrize(("shape", "scale"), [((1, 2, 8), 1.0), ((2, 3, 16), 1.0), ((3, 3, 32), 1e-20)])
@@ -50,8 +50,8 @@ def test_tiny_features_are_standardised_not_flattened() -> None:
 
 def test_head_learns_what_a_linear_probe_learns() -> None:
     """Two classes separated along one channel: the head must fit them (a linear model can)."""
-    from imgclf.store import FeatureBatches
-    from imgclf.training import fit_head
+    from imgclf.features.store import FeatureBatches
+    from imgclf.head.training import fit_head
 
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 200)

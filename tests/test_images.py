@@ -9,8 +9,10 @@ import pytest
 from helpers import make_dataset, shape_image
 from PIL import Image
 
-from imgclf.data import group_near_duplicates, near_duplicate_pairs, scan_folder, split_manifest
-from imgclf.images import ImageRecipe, load_image
+from imgclf.data.groups import group_near_duplicates, near_duplicate_pairs
+from imgclf.data.images import ImageRecipe, load_image
+from imgclf.data.scan import scan_folder
+from imgclf.data.split import split_manifest
 
 
 def twelve_bit_png(path: Path) -> np.ndarray:
@@ -66,8 +68,8 @@ def test_a_resized_re_encoded_copy_is_a_near_duplicate_and_another_image_is_not(
 
 
 def test_a_file_that_no_longer_decodes_stops_features_with_one_line(tmp_path: Path) -> None:
-    from imgclf.errors import UserError
-    from imgclf.features import load_or_stop
+    from imgclf.core.errors import UserError
+    from imgclf.features.backbone_pass import load_or_stop
 
     Image.new("L", (40, 40)).save(tmp_path / "big.png")
     with pytest.raises(UserError, match=r"big.png can no longer be read \(decompression bomb"):
@@ -77,7 +79,7 @@ def test_a_file_that_no_longer_decodes_stops_features_with_one_line(tmp_path: Pa
 def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_pixels(tmp_path) -> None:
     """data.jpeg_scaling: a 512 px JPEG for a 224 px model is decoded at 256 px by libjpeg, then resized; the
     result differs from a full decode by a few grey levels at most, on average well under one."""
-    from imgclf.images import ImageRecipe, decode_image, load_image
+    from imgclf.data.images import ImageRecipe, decode_image, load_image
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:512, :512]
@@ -109,7 +111,7 @@ def test_large_jpegs_decode_at_reduced_scale_to_nearly_the_same_pixels(tmp_path)
 def test_bit_depth_scales_by_the_standard_depth_not_the_image_maximum(
     maximum: int, bits_stored: int | None, raw: int, expected: int
 ) -> None:
-    from imgclf.images import high_bit_depth_to_8bit
+    from imgclf.data.images import high_bit_depth_to_8bit
 
     array = np.array([[0, raw, maximum]], dtype=np.uint16)
     assert high_bit_depth_to_8bit(array, "bit_depth", bits_stored=bits_stored)[0, 1] == expected
@@ -118,7 +120,7 @@ def test_bit_depth_scales_by_the_standard_depth_not_the_image_maximum(
 def test_a_postscript_file_named_png_is_skipped_without_running_ghostscript(tmp_path: Path) -> None:
     """Only the formats of IMAGE_EXTENSIONS are opened: an EPS payload (Pillow would hand it to Ghostscript)
     or a PPM renamed .png is 'not a decodable image', in prepare and predict alike."""
-    from imgclf.images import ImageSkip, decode_image
+    from imgclf.data.images import ImageSkip, decode_image
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nnewpath 0 0 moveto 32 32 lineto stroke\nshowpage\n"
     (tmp_path / "x.png").write_bytes(eps)
@@ -137,8 +139,8 @@ def test_decoding_leaves_pillows_global_settings_alone(tmp_path: Path, monkeypat
 
     from PIL import ImageOps
 
-    from imgclf import images
-    from imgclf.images import ImageSkip, decode_image
+    from imgclf.data import images
+    from imgclf.data.images import ImageSkip, decode_image
 
     Image.new("L", (40, 40)).save(tmp_path / "small.png")
     before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))
@@ -162,7 +164,7 @@ def test_high_bit_depth_conversion_holds_one_float32_copy() -> None:
     float64 computation within one grey level."""
     import tracemalloc
 
-    from imgclf.images import high_bit_depth_to_8bit
+    from imgclf.data.images import high_bit_depth_to_8bit
 
     raw = np.random.default_rng(0).integers(0, 4096, (1024, 1024)).astype(np.uint16)
     for rule in ("window", "bit_depth"):

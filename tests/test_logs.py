@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import os, signal, sys, time
-from imgclf.logs import quiet_native_stderr
+from imgclf.core.logs import quiet_native_stderr
 quiet_native_stderr()
 def last_words(signum, frame):
     print("error: last words after signal", signum, file=sys.stderr, flush=True)

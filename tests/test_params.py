@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import ROOT, env
 
-from imgclf.errors import UserError
+from imgclf.core.errors import UserError
 from imgclf.params import load_params, train_params, validate
 
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -14,7 +14,7 @@ from helpers import E2E_BACKBONES as BACKBONES
 from helpers import dvc, run, update_params
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
-from imgclf.io import read_csv
+from imgclf.core.io import read_csv
 
 pytestmark = pytest.mark.slow
 

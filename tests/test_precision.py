@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from helpers import ROOT
 
-from imgclf.errors import UserError
+from imgclf.core.errors import UserError
 
 SAMPLE = ROOT / "data/sample"
 
@@ -28,10 +28,10 @@ def sample_split(per_class: int) -> tuple[list[Path], np.ndarray, np.ndarray]:
 
 def extractor_in(precision: str, backbone: str = "vgg16", size: int = 64):
     """The extractor features@ builds, with the same seed (so the same random weights) in every precision."""
-    from imgclf.backbones import build_backbone, get_backbone
-    from imgclf.device import dtype_policy
-    from imgclf.extractor import build_extractor
-    from imgclf.repro import seed_everything
+    from imgclf.core.repro import seed_everything
+    from imgclf.features.backbones import build_backbone, get_backbone
+    from imgclf.features.device import dtype_policy
+    from imgclf.features.extractor import build_extractor
 
     seed_everything(0)
     with dtype_policy(precision):
@@ -42,11 +42,11 @@ def extractor_in(precision: str, backbone: str = "vgg16", size: int = 64):
 def test_bfloat16_features_make_the_same_decisions_as_float32() -> None:
     """The head trained on float32 features labels the test images the same from bfloat16 features (>= 97%),
     and the bfloat16 pass really ran in bfloat16 (its features differ from float32's, slightly)."""
-    from imgclf.device import model_precision
-    from imgclf.features import iter_features
-    from imgclf.model import build_attention_head
-    from imgclf.store import FeatureBatches
-    from imgclf.training import fit_head
+    from imgclf.features.backbone_pass import iter_features
+    from imgclf.features.device import model_precision
+    from imgclf.features.store import FeatureBatches
+    from imgclf.head.model import build_attention_head
+    from imgclf.head.training import fit_head
 
     paths, labels, is_train = sample_split(per_class=45)
     features = {}
@@ -83,12 +83,12 @@ def test_a_saved_model_runs_its_backbone_in_the_precision_it_was_built_in(tmp_pa
     the features features@ cached, with no precision param of its own."""
     import json
 
-    from imgclf.device import model_precision
-    from imgclf.features import compute_features
-    from imgclf.io import save_keras
-    from imgclf.model import build_attention_head, build_end_to_end
-    from imgclf.predict import Classifier
-    from imgclf.store import FeatureStore
+    from imgclf.core.io import save_keras
+    from imgclf.features.backbone_pass import compute_features
+    from imgclf.features.device import model_precision
+    from imgclf.features.store import FeatureStore
+    from imgclf.head.model import build_attention_head, build_end_to_end
+    from imgclf.results.predict import Classifier
 
     paths, _, _ = sample_split(per_class=4)
     images = pd.DataFrame({"sha256": [f"{i:064x}" for i in range(len(paths))], "path": [str(p) for p in paths]})
@@ -110,7 +110,7 @@ def test_a_saved_model_runs_its_backbone_in_the_precision_it_was_built_in(tmp_pa
 
 
 def test_float16_without_a_gpu_stops_with_the_alternatives() -> None:
-    from imgclf.device import check_precision
+    from imgclf.features.device import check_precision
 
     with pytest.raises(UserError) as error:
         check_precision("float16", "vgg16", gpus=[])
@@ -120,7 +120,7 @@ def test_float16_without_a_gpu_stops_with_the_alternatives() -> None:
 
 
 def test_bfloat16_on_a_cpu_without_bfloat16_units_warns(monkeypatch, caplog) -> None:
-    import imgclf.device as device
+    import imgclf.features.device as device
 
     monkeypatch.setattr(device, "cpu_flags", lambda: {"avx2", "fma"})
     device.check_precision("bfloat16", "xception", gpus=[])
@@ -132,7 +132,7 @@ def test_bfloat16_on_a_cpu_without_bfloat16_units_warns(monkeypatch, caplog) -> 
 
 
 def test_features_that_underflow_or_overflow_stop_before_anything_is_written(tmp_path: Path) -> None:
-    from imgclf.features import check_values, compute_features
+    from imgclf.features.backbone_pass import check_values, compute_features
 
     class Underflowing:  # an extractor whose activations all flush to zero (random-init MobileNet in float16)
         output = type("Tensor", (), {"shape": (None, 2, 2, 8)})()
@@ -157,7 +157,7 @@ def test_features_that_underflow_or_overflow_stop_before_anything_is_written(tmp
 def test_precision_params_are_validated_with_the_fix() -> None:
     import yaml
 
-    from imgclf.device import precision_for
+    from imgclf.features.device import precision_for
     from imgclf.params import validate
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -196,9 +196,9 @@ def test_a_ray_worker_checks_the_precision_on_its_own_machine(monkeypatch) -> No
     """float16 on Ray with CPU workers: the driver may have a GPU, the worker has none; the worker stops."""
     from types import SimpleNamespace
 
-    from imgclf import device
-    from imgclf.distributed import BatchModel
-    from imgclf.errors import UserError
+    from imgclf.core.errors import UserError
+    from imgclf.features import device
+    from imgclf.features.engine_ray import BatchModel
 
     worker = BatchModel.__new__(BatchModel)  # as Ray builds it, without loading a real model
     worker.gpus = 0

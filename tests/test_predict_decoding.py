@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import make_dataset
 
-from imgclf import predict
-from imgclf.images import ImageSkip
+from imgclf.data.images import ImageSkip
+from imgclf.results import predict
 
 
 class StandIn:

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from helpers import HOSTILE, make_dataset
 
-from imgclf.data import ScanOptions, check_classes, resolve_conflicts, scan_folder, summary_line
-from imgclf.errors import UserError
-from imgclf.images import ImageRecipe, load_image
+from imgclf.core.errors import UserError
+from imgclf.data.groups import resolve_conflicts
+from imgclf.data.images import ImageRecipe, load_image
+from imgclf.data.scan import ScanOptions, check_classes, scan_folder, summary_line
 
 # 200x200 = 40,000 pixels, over 2x the limit: a "bomb"
 OPTIONS = ScanOptions(min_side=16, recipe=ImageRecipe(max_pixels=10_000))

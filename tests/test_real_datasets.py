@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, dvc, make_dataset, make_project, run
 
-from imgclf.io import read_csv
+from imgclf.core.io import read_csv
 
 pytestmark = pytest.mark.slow
 

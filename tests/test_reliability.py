@@ -83,7 +83,7 @@ def test_the_checkouts_own_code_runs_whatever_else_is_importable(tmp_path: Path)
     the second clone's imgclf/; `dvc repro` in the second runs the changed code."""
     project = make_project(tmp_path, {**TINY, "backbones": ["vgg16"]})
     make_dataset(project / "images", {"a": 6, "b": 6})
-    data_py = project / "imgclf" / "data.py"
+    data_py = project / "imgclf" / "data" / "scan.py"
     changed = data_py.read_text().replace('return f"found {found} files', 'return f"THIS CLONE found {found} files')
     data_py.write_text(changed)
     elsewhere = {**env(project), "PYTHONPATH": str(ROOT)}  # the other clone's imgclf on the import path

@@ -10,8 +10,8 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
-from imgclf.evaluation import compute_metrics
-from imgclf.significance import (
+from imgclf.results.evaluation import compute_metrics
+from imgclf.results.significance import (
     bootstrap_interval,
     group_weights,
     macro_f1_present,

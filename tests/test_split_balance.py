@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 from helpers import dvc, make_dataset, make_project, update_params
 
-from imgclf.data import balance_train, class_counts, held_out, resolve_conflicts, scan_folder, split_manifest
-from imgclf.errors import UserError
-from imgclf.io import read_csv
+from imgclf.core.errors import UserError
+from imgclf.core.io import read_csv
+from imgclf.data.groups import resolve_conflicts
+from imgclf.data.scan import class_counts, scan_folder
+from imgclf.data.split import balance_train, held_out, split_manifest
 
 COUNTS = {"a": 60, "b": 30, "c": 20}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf.store import FeatureBatches, RowReader
+from imgclf.features.store import FeatureBatches, RowReader
 
 
 def test_row_reader_returns_the_rows_asked_for_in_any_order_with_repeats(tmp_path: Path) -> None:

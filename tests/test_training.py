@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 from helpers import make_dataset
 
-from imgclf.backbones import build_backbone, get_backbone
-from imgclf.extractor import backbone_of, build_extractor
-from imgclf.model import build_attention_head, build_end_to_end
-from imgclf.training import fine_tune
+from imgclf.features.backbones import build_backbone, get_backbone
+from imgclf.features.extractor import backbone_of, build_extractor
+from imgclf.head.model import build_attention_head, build_end_to_end
+from imgclf.head.training import fine_tune
 
 
 def test_fine_tune_changes_only_the_unfrozen_top_layers(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_fine_tune_changes_only_the_unfrozen_top_layers(tmp_path: Path) -> None:
     assert 1 <= result["best_epoch"] <= result["epochs_run"] == 4
     best_loss = min(result["history"]["val_loss"])
     assert result["history"]["val_loss"][result["best_epoch"] - 1] == best_loss
-    from imgclf.training import ImageBatches
+    from imgclf.head.training import ImageBatches
 
     paths, labels = [root / p for p in frame.path], frame.label.map({"a": 0, "b": 1}).to_numpy()
     loss_now = full.evaluate(ImageBatches(paths, labels, 71, 8), verbose=0)[0]

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from imgclf.__main__ import main
-from imgclf.errors import UserError
-from imgclf.evaluation import write_predictions
-from imgclf.experiments import BEYOND, IDENTICAL, RESULT_FILES, WITHIN, judge_all
+from imgclf.core.errors import UserError
+from imgclf.results.evaluation import write_predictions
+from imgclf.results.experiments import BEYOND, IDENTICAL, RESULT_FILES, WITHIN, judge_all
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "eel"]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imgclf.logs import RUN_LOG, log, quiet_native_stderr, setup_logging
+from imgclf.core.logs import RUN_LOG, log, quiet_native_stderr, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 

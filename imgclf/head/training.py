@@ -11,11 +11,11 @@ import keras
 import numpy as np
 import pandas as pd
 
-from imgclf.augment import AugmentParams, random_transform
-from imgclf.features import load_or_stop
-from imgclf.images import DEFAULT_RECIPE, ImageRecipe
-from imgclf.logs import log
-from imgclf.store import FeatureBatches
+from imgclf.core.logs import log
+from imgclf.data.augment import AugmentParams, random_transform
+from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe
+from imgclf.features.backbone_pass import load_or_stop
+from imgclf.features.store import FeatureBatches
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -52,7 +52,7 @@ def open_live(directory: str | Path) -> Any:
     from scmrepo.exceptions import SCMError
 
     from dvclive import Live
-    from imgclf.errors import UserError
+    from imgclf.core.errors import UserError
 
     try:
         return Live(dir=str(directory), dvcyaml=False, save_dvc_exp=False)
@@ -180,7 +180,7 @@ def fine_tune(
     stopping early on `params['early_stopping']` (train's) and keeping the best fine-tuning epoch's weights.
     With `augment`, the training images get the same random transforms as the offline variants, live (the
     backbone runs every epoch here anyway); validation images never do."""
-    from imgclf.device import model_precision
+    from imgclf.features.device import model_precision
 
     unfrozen = unfreeze_top(backbone, params["layers"])
     compile_model(full, params["lr"], loss_scale=model_precision(backbone) == "float16")

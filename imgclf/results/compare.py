@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgclf.errors import UserError
-from imgclf.evaluation import headline, read_predictions
+from imgclf.core.errors import UserError
+from imgclf.results.evaluation import headline, read_predictions
 
 
 def ensemble_probabilities(prediction_files: list[Path]) -> tuple[pd.DataFrame, list[str], np.ndarray]:

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from imgclf.errors import UserError, log
+from imgclf.core.errors import UserError, log
 
 VEGA_LITE = "5.21"  # DVC's plot templates are Vega-Lite 5 specs
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from imgclf.errors import UserError, log
+from imgclf.core.errors import UserError, log
 
 # The Keras dtype policy of each precision params.py accepts (PRECISIONS there).
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}

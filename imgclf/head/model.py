@@ -1,6 +1,6 @@
 """The attention head and the end-to-end model.
 
-    image (B, S, S, 3) 0..255 --extractor (extractor.py)--> feature map (B, h, w, C)
+    image (B, S, S, 3) 0..255 --extractor (features/extractor.py)--> feature map (B, h, w, C)
     feature map --head--> class probabilities (B, K)
 
 The head is trained on cached feature maps (see features.py); the end-to-end model joins the extractor
@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from imgclf.extractor import Preprocess
+from imgclf.features.extractor import Preprocess
 
 
 @keras.saving.register_keras_serializable(package="imgclf")

@@ -16,18 +16,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgclf.distributed import BatchModel, ray_batches
-from imgclf.evaluation import probability_columns
-from imgclf.images import try_load_image
-from imgclf.logs import Progress
-from imgclf.predict import Classifier, check_compatible, table_rows
+from imgclf.core.logs import Progress
+from imgclf.data.images import try_load_image
+from imgclf.features.engine_ray import BatchModel, ray_batches
+from imgclf.results.evaluation import probability_columns
+from imgclf.results.predict import Classifier, check_compatible, table_rows
 
 
 class ClassifierModel(BatchModel):
     """A Ray actor holding a trained model.keras; unreadable images become error rows, not failures."""
 
     def load(self, path: str) -> Any:
-        from imgclf.model import load_model
+        from imgclf.head.model import load_model
 
         return load_model(path)
 
@@ -42,7 +42,7 @@ def classify_on_ray(
     classifiers: list[Classifier], paths: list[Path], batch_size: int, options: dict[str, Any]
 ) -> pd.DataFrame:
     """predict.classify's table, computed by Ray workers (same columns, same error rows)."""
-    from imgclf.distributed import shutdown
+    from imgclf.features.engine_ray import shutdown
 
     classes = check_compatible(classifiers)
     probs = np.zeros((len(paths), len(classes)))

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgclf.errors import UserError
-from imgclf.images import DEFAULT_RECIPE, ImageRecipe, try_load_image
-from imgclf.io import atomic_path, save_keras, write_csv, write_json
-from imgclf.logs import Progress
+from imgclf.core.errors import UserError
+from imgclf.core.io import atomic_path, save_keras, write_csv, write_json
+from imgclf.core.logs import Progress
+from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe, try_load_image
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
@@ -37,7 +37,7 @@ EXTRACTOR_KEYS = ("backbone", "image_size", "preprocessing", "precision", "weigh
 # (index of the image in the list, image (S, S, 3) 0..255) -> transformed image; used to make augmented variants
 Transform = Callable[[int, np.ndarray], np.ndarray]
 # Runs a saved extractor elsewhere: (extractor file, paths, image size, batch size, recipe, description) ->
-# its outputs batch by batch, in row order (distributed.ray_engine)
+# its outputs batch by batch, in row order (engine_ray.ray_engine)
 Engine = Callable[[Path, list[Path], int, int, ImageRecipe, str], Iterator[np.ndarray]]
 
 
@@ -118,7 +118,7 @@ def compute_features(
 
     The directory appears complete or not at all (built under a temporary name, then moved). With
     `transform`, image i is transformed after loading (augmented variants; see augment.py). With `engine`
-    (e.g. distributed.ray_engine), the pass runs elsewhere from the saved extractor: the same batches, the
+    (e.g. engine_ray.ray_engine), the pass runs elsewhere from the saved extractor: the same batches, the
     same numbers.
     """
     shape = tuple(int(d) for d in extractor.output.shape[1:])

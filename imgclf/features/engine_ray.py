@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.errors import UserError, log
-from imgclf.images import ImageRecipe
-from imgclf.logs import Progress
+from imgclf.core.errors import UserError, log
+from imgclf.core.logs import Progress
+from imgclf.data.images import ImageRecipe
 
 INSTALL_HINT = "install it with `pip install -r requirements-ray.txt`, or use the local engine"
 CONNECT_TIMEOUT_S = 5  # a quick TCP check first: Ray itself retries an unreachable head for minutes
@@ -80,7 +80,7 @@ def connect(options: dict[str, Any], setting: str = "features.ray.address") -> A
     check_reachable(address, setting)
     if ray.is_initialized():
         return ray
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # imgclf/, the whole package (this file is imgclf/features/)
     runtime_env = {
         "py_modules": [str(package)],
         "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": os.environ.get("PYTHONHASHSEED", "0")},
@@ -139,7 +139,7 @@ class BatchModel:
     def __init__(self, model: list[Any], image_size: int, recipe: dict[str, Any], gpus: float = 0) -> None:
         import ray
 
-        from imgclf.repro import seed_everything
+        from imgclf.core.repro import seed_everything
 
         seed_everything(0)  # op determinism, as in the local stages
         with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +156,7 @@ class BatchModel:
         driver's machine has."""
         if getattr(self, "checked", False):
             return
-        from imgclf.device import check_precision, model_precision, visible_gpus
+        from imgclf.features.device import check_precision, model_precision, visible_gpus
 
         gpus = visible_gpus()
         if self.gpus and not gpus:
@@ -168,13 +168,13 @@ class BatchModel:
         self.checked = True
 
     def load(self, path: str) -> Any:
-        from imgclf.extractor import load_extractor
+        from imgclf.features.extractor import load_extractor
 
         return load_extractor(path)
 
     def read(self, path: str) -> tuple[np.ndarray, str]:
         """The model's input for one path, and an error ("" when none): here any unreadable file stops the run."""
-        from imgclf.features import load_or_stop
+        from imgclf.features.backbone_pass import load_or_stop
 
         return load_or_stop(Path(path), self.image_size, self.recipe), ""
 

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from imgclf.images import DEFAULT_RECIPE, ImageRecipe, load_image
-from imgclf.io import save_figure
+from imgclf.core.io import save_figure
+from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe, load_image
 
 
 @dataclass(frozen=True)

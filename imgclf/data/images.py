@@ -192,7 +192,7 @@ def try_load_image(
     path: str | Path, image_size: int, recipe: ImageRecipe = DEFAULT_RECIPE
 ) -> tuple[np.ndarray | None, str]:
     """(load_image's array, "") or (None, why the file cannot be used): the one place a failed decode becomes a
-    reason. Stages turn it into a stop (features.load_or_stop), predict into an error row."""
+    reason. Stages turn it into a stop (features/backbone_pass.py: load_or_stop), predict into an error row."""
     try:
         return load_image(path, image_size, recipe), ""
     except ImageSkip as exc:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imgclf.errors import UserError, log
-from imgclf.io import sha256_file
+from imgclf.core.errors import UserError, log
+from imgclf.core.io import sha256_file
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imgclf.errors import UserError
-from imgclf.evaluation import format_probability, probability_columns
-from imgclf.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, load_image, try_load_image
-from imgclf.io import read_json
-from imgclf.logs import Progress
+from imgclf.core.errors import UserError
+from imgclf.core.io import read_json
+from imgclf.core.logs import Progress
+from imgclf.data.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, load_image, try_load_image
+from imgclf.results.evaluation import format_probability, probability_columns
 
 MODEL_FILE = "model.keras"
 ENSEMBLE_FILE = "ensemble.json"  # written by compare: the backbones of the pipeline's ensemble
@@ -46,7 +46,7 @@ class Classifier:
 
     @classmethod
     def load(cls, model_dir: str | Path) -> Classifier:
-        from imgclf.model import load_model
+        from imgclf.head.model import load_model
 
         model_dir = Path(model_dir)
         if not (model_dir / MODEL_FILE).is_file() or not (model_dir / "info.json").is_file():
@@ -75,7 +75,7 @@ class Classifier:
 
     def features(self, paths: list[Path], batch_size: int = 32) -> np.ndarray:
         """Feature maps (N, h, w, C) of readable images, computed as features@<bb> computes them."""
-        from imgclf.features import iter_features
+        from imgclf.features.backbone_pass import iter_features
 
         parts = iter_features(self.extractor, paths, self.image_size, batch_size, self.recipe, desc=self.name)
         return np.concatenate(list(parts))

@@ -17,9 +17,9 @@ import keras
 import numpy as np
 import pandas as pd
 
-from imgclf.errors import UserError
-from imgclf.features import EXTRACTOR_FILE, FEATURES_FILE, INDEX_FILE, INFO_FILE
-from imgclf.io import read_csv, read_json
+from imgclf.core.errors import UserError
+from imgclf.core.io import read_csv, read_json
+from imgclf.features.backbone_pass import EXTRACTOR_FILE, FEATURES_FILE, INDEX_FILE, INFO_FILE
 
 
 class RowReader:
@@ -90,9 +90,9 @@ class FeatureStore:
         self.info = read_json(self.directory / INFO_FILE)
 
     def extractor(self) -> Any:
-        from imgclf.model import load_model
+        from imgclf.features.extractor import load_extractor
 
-        return load_model(str(self.directory / EXTRACTOR_FILE))
+        return load_extractor(str(self.directory / EXTRACTOR_FILE))
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from imgclf.errors import UserError
-from imgclf.io import TEXT_COLUMNS
-from imgclf.significance import PairedComparison, paired_bootstrap
+from imgclf.core.errors import UserError
+from imgclf.core.io import TEXT_COLUMNS
+from imgclf.results.significance import PairedComparison, paired_bootstrap
 
 WORKSPACE = "workspace"
 ENSEMBLE = "ensemble"

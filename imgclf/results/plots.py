@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from imgclf.images import DEFAULT_RECIPE, ImageRecipe, load_image
-from imgclf.io import save_figure
+from imgclf.core.io import save_figure
+from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe, load_image
 
 
 def class_count_plot(counts: dict[str, int], path: str | Path, title: str = "Images per class") -> None:

@@ -3,7 +3,7 @@
     image (B, S, S, 3) 0..255 --Preprocess--> backbone (frozen) --> feature map (B, h, w, C) float32
 
 features@<bb> builds it once, runs it over every image and saves it beside the features, so the
-end-to-end model (model.py) uses the very backbone that made the training features. The backbone may
+end-to-end model (head/model.py) uses the very backbone that made the training features. The backbone may
 compute in bfloat16 or float16 (built under a Keras mixed-precision policy, see device.py); preprocessing
 runs in float32 and the feature map leaves the extractor as float32 whatever the backbone's precision.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from keras import layers
 
-from imgclf.backbones import get_backbone
+from imgclf.features.backbones import get_backbone
 
 
 @keras.saving.register_keras_serializable(package="imgclf")

@@ -20,8 +20,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from imgclf.io import read_csv, write_csv, write_json, write_text
-from imgclf.significance import bootstrap_interval
+from imgclf.core.io import read_csv, write_csv, write_json, write_text
+from imgclf.results.significance import bootstrap_interval
 
 DIGITS = 6  # metrics are rounded so that diffs stay readable; far below any meaningful difference
 
@@ -151,7 +151,7 @@ def evaluate_and_write(
     """Write the headline metrics JSON (a DVC metric: `validation`'s accuracy and loss, then the test numbers),
     and in plot_dir report.json (every number), predictions.csv, classification_report.txt and confusion.png
     for one model. Returns every number."""
-    from imgclf.plots import confusion_heatmap
+    from imgclf.results.plots import confusion_heatmap
 
     plot_dir = Path(plot_dir)
     metrics = compute_metrics(actual, probs, classes, n_bootstrap, confidence, seed, groups)
