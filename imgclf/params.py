@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from imgclf.core.errors import UserError
 from imgclf.data.images import HIGH_BIT_DEPTH_RULES
 from imgclf.features.backbones import BACKBONES, resolve_weights_path
 
+PILLOW_HARD_LIMIT = 2 * 89_478_485  # Pillow refuses images above twice its default MAX_IMAGE_PIXELS
+WEIGHTS_DIR = "weights"  # the project folder that holds weights files; features@ depends on it (dvc.yaml)
 PRECISIONS = ("float32", "bfloat16", "float16")  # features.precision; what each means: features/device.py
 
 # The shape of params.yaml: a type, a tuple of allowed strings, or a nested section.
@@ -281,10 +284,34 @@ def _check_cross(params: dict[str, Any]) -> None:
                 f"features.image_size={size} is below {name}'s minimum of {minimum}; "
                 f"raise it or drop {name} from backbones"
             )
+    data = params["data"]
+    if data["high_bit_depth"] == "bit_depth" and data["bits_stored"] is None:
+        raise UserError(
+            "data.high_bit_depth=bit_depth scales every image by the dataset's bit depth: set data.bits_stored to "
+            "it (e.g. 12 for a 12-bit CT or MRI series; DICOM's BitsStored), or use high_bit_depth: window"
+        )
+    if data["max_pixels"] > PILLOW_HARD_LIMIT:
+        raise UserError(
+            f"data.max_pixels={data['max_pixels']} is above {PILLOW_HARD_LIMIT}, the most pixels Pillow decodes; "
+            "lower it (images above it are skipped as decompression bombs either way)"
+        )
     weights = params["features"]["weights"]
     if weights not in ("imagenet", "none"):
         for name in params["backbones"]:
-            if resolve_weights_path(weights, BACKBONES[name]) is None:
+            found = resolve_weights_path(weights, BACKBONES[name])
+            # The file may be a symlink (DVC hashes its target), a folder on its way may not (DVC does not walk
+            # into symlinked folders): the file's real folder must be inside weights/.
+            inside = found is not None and Path(os.path.realpath(found.parent)).is_relative_to(
+                os.path.realpath(WEIGHTS_DIR)
+            )
+            if found is not None and not inside:
+                raise UserError(
+                    f"features.weights={weights!r} points outside the project's {WEIGHTS_DIR}/ folder ({found}): "
+                    f"DVC tracks {WEIGHTS_DIR}/ as a dependency of features@, so that a file replaced in place "
+                    f"reruns the backbone pass. Move or symlink the file into {WEIGHTS_DIR}/ and set features.weights "
+                    f"to that path (e.g. {WEIGHTS_DIR}/{{backbone}}.h5)"
+                )
+            if found is None:
                 raise UserError(
                     f"features.weights={weights!r} is not imagenet, none, or an existing weights file for "
                     f"{name} ({Path(weights.replace('{backbone}', name)).expanduser()} not found); fix the path, "

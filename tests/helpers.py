@@ -17,7 +17,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a temporary project needs: the pipeline definition, the code, the params.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "pyproject.toml", ".gitignore"]
+# weights/: its README only (the folder must exist: it is a dependency of features@), never weights files.
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "imgclf", "pyproject.toml", ".gitignore", ".dvcignore",
+                 "weights/README.md"]  # fmt: skip
 
 E2E_BACKBONES = ["vgg16", "mobilenet"]  # the fastest two; every registry entry is built in test_backbones.py
 TINY = {
@@ -85,6 +87,7 @@ def make_project(tmp_path: Path, params_update: dict[str, Any] | None = None) ->
         if src.is_dir():
             shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, project / name)
     run(["git", "init", "-q"], project)
     run(["git", "config", "user.email", "test@example.invalid"], project)

@@ -111,3 +111,17 @@ def test_an_unreachable_cluster_is_reported_in_seconds(address: str, message: st
 
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
         check_reachable(address)
+
+
+def test_the_ray_auth_mode_set_for_a_local_instance_is_removed_at_shutdown(monkeypatch) -> None:
+    from imgclf.features.engine_ray import import_ray, shutdown
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    import_ray("local")
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # Ray reads it at import and at init
+    shutdown()
+    assert "RAY_AUTH_MODE" not in os.environ  # later subprocesses (stages, dvc, other tests) never see it
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the user's own setting is theirs: left alone
+    import_ray("local")
+    shutdown()
+    assert os.environ["RAY_AUTH_MODE"] == "token"

@@ -113,3 +113,29 @@ def test_a_stage_with_bad_params_prints_one_line_and_exits_2(tmp_path: Path) -> 
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown key 'trian' in params.yaml; did you mean 'train'?"
+
+
+def test_a_weights_file_outside_the_weights_folder_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """DVC tracks weights/ as features@'s dependency: a file elsewhere could be replaced without a rerun.
+    Inside (or symlinked inside, DVC hashes the target) it is accepted."""
+    monkeypatch.chdir(tmp_path)
+    outside = tmp_path / "elsewhere" / "vgg16.h5"
+    outside.parent.mkdir()
+    outside.write_bytes(b"weights")
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(UserError, match=r"points outside the project's weights/ folder .*symlink the file into"):
+        validate(changed(features__weights=str(outside)))
+    (tmp_path / "weights" / "vgg16.h5").symlink_to(outside)
+    assert validate(changed(features__weights="weights/{backbone}.h5", backbones=["vgg16"]))
+    # A symlinked *folder* is not looked into by DVC's directory hashing: refused too.
+    (tmp_path / "weights" / "keras").symlink_to(outside.parent)
+    with pytest.raises(UserError, match="points outside the project's weights/ folder"):
+        validate(changed(features__weights="weights/keras/{backbone}.h5", backbones=["vgg16"]))
+
+
+def test_bit_depth_needs_the_datasets_bits_and_max_pixels_stays_within_pillows_hard_limit() -> None:
+    with pytest.raises(UserError, match=r"data.high_bit_depth=bit_depth scales every image by the dataset's bit depth"):
+        validate(changed(data__high_bit_depth="bit_depth"))
+    assert validate(changed(data__high_bit_depth="bit_depth", data__bits_stored=12))
+    with pytest.raises(UserError, match=r"data.max_pixels=200000000 is above 178956970"):
+        validate(changed(data__max_pixels=200_000_000))

@@ -158,3 +158,12 @@ def test_a_new_image_reruns_the_backbone_pass_but_not_the_variants_extractor_dep
         k for item in status.get("augment@vgg16", []) if isinstance(item, dict) for k in item.get("changed deps", {})
     }
     assert changed <= {"data/split/train.csv"}, changed
+
+
+def test_a_weights_file_replaced_in_place_reruns_the_backbone_pass(copy_of: Path) -> None:
+    """weights/ is a dependency of every features@: a file replaced there (same name, new content) is seen."""
+    (copy_of / "weights" / "vgg16.h5").write_bytes(b"first weights")
+    assert "Running stage 'features@vgg16'" in dvc(copy_of, "repro", "features@vgg16").stdout
+    (copy_of / "weights" / "vgg16.h5").write_bytes(b"other weights, same file name")
+    status = json.loads(dvc(copy_of, "status", "--json", "features@vgg16").stdout)
+    assert {"weights": "modified"} in [item.get("changed deps") for item in status["features@vgg16"]]

@@ -113,6 +113,31 @@ def test_split_named_folders_without_class_folders_stop_with_one_line(tmp_path: 
         scan_folder(root)
 
 
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        # Testing/ holds loose images and an (empty) hidden folder: not a class folder, so still ambiguous.
+        (
+            lambda root: (
+                (root / "Testing" / ".ipynb_checkpoints").mkdir(parents=True),
+                make_dataset(root, {"Testing": 3}),
+            ),
+            "Testing/ holds no class sub-folders",
+        ),
+        (lambda root: (root / "Validation").mkdir(), "Validation/ is empty"),
+        # class folders with a class named test/ that has sub-folders: no training folder to split from
+        (lambda root: make_dataset(root / "test", {"x": 2}, seed=3), "no training folder"),
+    ],
+    ids=["hidden folder is not a class folder", "empty split folder", "no training folder"],
+)
+def test_ambiguous_split_layouts_stop_with_one_line(tmp_path: Path, setup, message: str) -> None:
+    root = tmp_path / "mri"
+    make_dataset(root / "Training" if "no training" not in message else root, {"cat": 3, "dog": 3})
+    setup(root)
+    with pytest.raises(UserError, match=message):
+        scan_folder(root)
+
+
 def test_a_class_named_train_without_a_test_folder_stays_a_class_and_is_named(tmp_path: Path, caplog) -> None:
     root = tmp_path / "d"
     make_dataset(root, {"train": 3, "bus": 3})

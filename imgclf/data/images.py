@@ -112,7 +112,11 @@ def decode_image(
         raise ImageSkip(
             f"not a decodable image (content is none of {', '.join(PIL_FORMATS)}, whatever the extension)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error (EIO, EACCES, ENOENT...), not the image's content
+            raise ImageSkip(f"unreadable ({exc.strerror or exc})") from None
+        raise ImageSkip(f"truncated or corrupt image ({exc})") from None
+    except (SyntaxError, ValueError) as exc:
         raise ImageSkip(f"truncated or corrupt image ({exc})") from None
 
 
@@ -138,7 +142,9 @@ def high_bit_depth_to_8bit(
     Only finite values set the scale: NaN (e.g. the background of a registered scan) and -inf become 0,
     +inf becomes 255. Float images whose values lie in 0..1 are taken as 0..1 intensities.
     Memory: one float32 working copy, scaled in place (4 bytes per pixel, plus the percentile's copy)."""
-    values = array.astype(np.float32)  # (H, W): the one working copy
+    # (H, W): the one working copy. float32 holds 16-bit values exactly; wider integers and float64 keep float64
+    # (a 32-bit window 2,000,000,000..2,000,000,199 would otherwise collapse to a few grey levels).
+    values = array.astype(np.float32 if array.dtype.itemsize <= 2 or array.dtype == np.float32 else np.float64)
     integer = array.dtype.kind in "iu"
     finite = values if integer else values[np.isfinite(values)]  # integers are all finite: no copy
     if finite.size == 0:
@@ -195,10 +201,8 @@ def try_load_image(
     reason. Stages turn it into a stop (features/backbone_pass.py: load_or_stop), predict into an error row."""
     try:
         return load_image(path, image_size, recipe), ""
-    except ImageSkip as exc:
+    except ImageSkip as exc:  # decode_image reports file-system errors as "unreadable (...)" too
         return None, str(exc)
-    except OSError as exc:  # gone, or no permission, since it was listed
-        return None, f"unreadable ({exc.strerror or exc})"
 
 
 def load_image(path: str | Path, image_size: int, recipe: ImageRecipe = DEFAULT_RECIPE) -> np.ndarray:

@@ -78,14 +78,23 @@ def _walk_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _visible_folders(folder: Path) -> list[Path]:
+    """Sub-folders that can hold classes: not hidden, not macOS's __MACOSX."""
+    try:
+        return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    except OSError as exc:
+        raise UserError(f"cannot read the folder {folder} ({exc.strerror or exc}); fix its permissions") from None
+
+
 def detect_layout(root: Path) -> tuple[bool, list[str]]:
     """(split layout?, other top-level folders). root holds provided split folders (Training/Testing,
     train/val/test, ...) when a validation or test folder is among its sub-folders; any other top-level folder
     (masks/, a nested copy of the dataset) is then not a class: its files are skipped with their reason and the
-    folders are returned so that prepare can name them. Split-named folders that hold images but no class
-    sub-folders are ambiguous (classes named like splits?): one clear error. A class folder named `train`
-    next to other classes, with no test or validation folder, stays a class (prepare warns)."""
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+    folders are returned so that prepare can name them. Ambiguous layouts stop with one line: a split folder
+    with no class sub-folders (images straight in it, or empty), or test/validation folders without a training
+    folder. A class folder named `train` next to other classes, with no test or validation folder, stays a
+    class (prepare warns)."""
+    subdirs = _visible_folders(root)
     split_named = [d for d in subdirs if d.name.lower() in SPLIT_FOLDERS]
     if not any(SPLIT_FOLDERS[d.name.lower()] in ("val", "test") for d in split_named):
         if split_named:
@@ -95,14 +104,25 @@ def detect_layout(root: Path) -> tuple[bool, list[str]]:
                 ", ".join(d.name for d in split_named),
             )
         return False, []
-    flat = [d.name for d in split_named if not any(c.is_dir() for c in d.iterdir())]
-    if flat:
+    others = [d.name for d in subdirs if d.name.lower() not in SPLIT_FOLDERS]
+    for d in split_named:
+        if not any(d.iterdir()):
+            raise UserError(
+                f"data.root={str(root)!r}: the split folder {d.name}/ is empty; remove it or add its images"
+            )
+        if not _visible_folders(d):
+            raise UserError(
+                f"data.root={str(root)!r} has split folders ({', '.join(x.name for x in split_named)}), but "
+                f"{d.name}/ holds no class sub-folders; expected {d.name}/<class>/<image>: move its images into "
+                "class folders, or rename the split-named folders if they are classes"
+            )
+    if not any(SPLIT_FOLDERS[d.name.lower()] == "train" for d in split_named):
         raise UserError(
-            f"data.root={str(root)!r} has split folders ({', '.join(d.name for d in split_named)}), but "
-            f"{flat[0]}/ holds no class sub-folders; expected {flat[0]}/<class>/<image>: move its images into "
-            "class folders, or rename the split-named folders if they are classes"
+            f"data.root={str(root)!r} has {', '.join(d.name for d in split_named)}/ but no training folder "
+            f"(Training/ or train/); the other folders ({', '.join(others) or 'none'}) would be ignored. Put the "
+            "training images in Training/<class>/, or rename the split-named folders if they are classes"
         )
-    return True, [d.name for d in subdirs if d.name.lower() not in SPLIT_FOLDERS]
+    return True, others
 
 
 def _label_and_split(rel: Path, split_layout: bool) -> tuple[str | None, str, str | None]:

@@ -37,16 +37,27 @@ CONNECT_TIMEOUT_S = 5  # a quick TCP check first: Ray itself retries an unreacha
 def import_ray(address: str = "local") -> Any:
     """Import Ray (read its settings at import). A local instance uses token authentication, Ray 2.60's default
     for local clusters, set explicitly so that Ray does not warn about it; a cluster's mode is the user's."""
-    set_here = address == "local" and "RAY_AUTH_MODE" not in os.environ
-    if set_here:
+    global _auth_mode_set_here
+    if address == "local" and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
+        _auth_mode_set_here = True
     try:
         import ray
     except ImportError:
-        if set_here:  # leave the environment as it was: every later subprocess inherits it
-            del os.environ["RAY_AUTH_MODE"]
+        _restore_auth_mode()
         raise UserError(f"the Ray engine needs Ray, which is not installed; {INSTALL_HINT}") from None
     return ray
+
+
+_auth_mode_set_here = False
+
+
+def _restore_auth_mode() -> None:
+    """Leave the environment as it was (every later subprocess inherits it): shutdown() and a failed import."""
+    global _auth_mode_set_here
+    if _auth_mode_set_here:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        _auth_mode_set_here = False
 
 
 def check_reachable(address: str, setting: str = "features.ray.address") -> None:
@@ -290,4 +301,5 @@ def shutdown() -> None:
         return
     if ray.is_initialized():
         ray.shutdown()
+    _restore_auth_mode()
     log.debug("ray: shut down")

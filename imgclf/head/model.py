@@ -3,7 +3,7 @@
     image (B, S, S, 3) 0..255 --extractor (features/extractor.py)--> feature map (B, h, w, C)
     feature map --head--> class probabilities (B, K)
 
-The head is trained on cached feature maps (see features.py); the end-to-end model joins the extractor
+The head is trained on cached feature maps (see features/backbone_pass.py); the end-to-end model joins the extractor
 and the head for deployment and fine-tuning. The extractor lives in its own module so that the backbone
 pass (features@<bb>) does not depend on the head's code.
 """
