@@ -69,11 +69,8 @@ def test_two_classes_with_spaces_and_accents_and_two_augmented_copies(tmp_path: 
     assert len(variants) == 2 * len(train_hashes) and set(variants.variant) == {1, 2}
     assert set(variants.sha256) == train_hashes
     assert not set(variants.sha256) & (set(splits["val"].sha256) | set(splits["test"].sha256))
-    n_unique = len(train_hashes) + len(set(splits["val"].sha256)) + len(set(splits["test"].sha256))
-    assert f"augment@vgg16: {2 * len(train_hashes)} backbone passes ({len(train_hashes)} unique training" in (
-        result.stderr
-    )
-    assert f"{n_unique + 2 * len(train_hashes)} in all = {len(train_hashes)} x (1 + 2)" in result.stderr
+    n = len(train_hashes)
+    assert f"augment@vgg16: {2 * n} backbone passes ({n} unique training images x 2 copies)" in result.stderr
     assert (project / "plots/eda/augmented.png").stat().st_size > 1000
     assert read(project, "models/vgg16/info.json")["augment"]["copies"] == 2
     assert metrics["roc_auc_ovr_macro"] is not None  # the binary case: AUC of the positive class
