@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from imgclf.core.errors import USER_ERROR_EXIT, UserError
 from imgclf.core.logs import quiet_native_stderr, setup_logging
 
 SOME_FAILED_EXIT = 3
+PARAMS_DEFAULT = "params.yaml"
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -22,8 +24,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from imgclf.results.predict import ensemble_backbones
 
     models_dir = Path(args.models_dir)
-    if args.ray_workers < 1 or args.ray_gpus < 0:
-        raise UserError(f"--ray-workers={args.ray_workers} must be 1 or more and --ray-gpus={args.ray_gpus} 0 or more")
+    ray_options = ray_settings(args) if args.engine == "ray" else {}
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
     if args.backbone == "ensemble":
@@ -48,8 +49,7 @@ def predict_command(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from imgclf.results.predict_ray import classify_on_ray
 
-        options = {"address": args.ray_address, "workers": args.ray_workers, "cpus_per_worker": 1}
-        table = classify_on_ray(classifiers, paths, args.batch_size, {**options, "gpus_per_worker": args.ray_gpus})
+        table = classify_on_ray(classifiers, paths, args.batch_size, ray_options)
     else:
         table = classify(classifiers, paths, batch_size=args.batch_size)
     if args.out:
@@ -65,6 +65,38 @@ def predict_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return SOME_FAILED_EXIT if failed else 0
+
+
+RAY_DEFAULTS = {"address": "local", "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
+
+
+def ray_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """predict --engine ray's cluster: `features.ray` of --params (params.yaml, when it exists: the cluster is
+    configured in one place), each overridden by its flag; Ray's own defaults outside a project."""
+    params_file = Path(args.params)
+    if params_file.is_file():
+        from imgclf.params import load_params
+
+        options = dict(load_params(params_file)["features"]["ray"])
+        source = f"features.ray in {params_file}"
+    elif args.params != PARAMS_DEFAULT:
+        raise UserError(f"--params {args.params}: no such file; give the project's params.yaml")
+    else:
+        options, source = dict(RAY_DEFAULTS), "defaults (no params.yaml here)"
+    for flag, key in (("ray_address", "address"), ("ray_workers", "workers"), ("ray_gpus", "gpus_per_worker")):
+        if getattr(args, flag) is not None:
+            options[key] = getattr(args, flag)
+    if options["workers"] < 1 or options["gpus_per_worker"] < 0:
+        raise UserError(
+            f"--ray-workers={options['workers']} must be 1 or more and --ray-gpus={options['gpus_per_worker']} "
+            "0 or more"
+        )
+    print(
+        f"predict: Ray at {options['address']}, {options['workers']} workers, {options['gpus_per_worker']:g} GPUs "
+        f"per worker ({source}, flags override)",
+        file=sys.stderr,
+    )
+    return options
 
 
 def render_command(args: argparse.Namespace) -> int:
@@ -132,10 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=["local", "ray"], default="local", help="local (this process) or ray (a Ray cluster)"
     )
     predict.add_argument(
-        "--ray-address", default="local", help="with --engine ray: local | auto | host:6379 | ray://host:10001"
+        "--params",
+        default=PARAMS_DEFAULT,
+        help="with --engine ray: the params file whose features.ray gives the cluster (default: params.yaml, if any)",
     )
-    predict.add_argument("--ray-workers", type=int, default=2, help="with --engine ray: actors running the model")
-    predict.add_argument("--ray-gpus", type=float, default=0, help="with --engine ray: GPUs per worker")
+    predict.add_argument(
+        "--ray-address", help="with --engine ray: local | auto | host:6379 | ray://host:10001 (features.ray.address)"
+    )
+    predict.add_argument("--ray-workers", type=int, help="with --engine ray: actors running the model (features.ray)")
+    predict.add_argument("--ray-gpus", type=float, help="with --engine ray: GPUs per worker (features.ray)")
     predict.set_defaults(func=predict_command)
     verify = sub.add_parser(
         "verify",

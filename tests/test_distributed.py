@@ -125,3 +125,93 @@ def test_the_ray_auth_mode_set_for_a_local_instance_is_removed_at_shutdown(monke
     import_ray("local")
     shutdown()
     assert os.environ["RAY_AUTH_MODE"] == "token"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory) -> tuple[str, Path]:
+    """A real Ray head on 127.0.0.1 with token authentication, as README's recipe starts one (2 CPUs); stopped
+    at the end. Returns its address and its token file (mode 600)."""
+    folder = tmp_path_factory.mktemp("ray_head")
+    token = folder / "auth_token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, os.urandom(32).hex().encode())
+    os.close(fd)
+    environ = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    environ.pop("RAY_AUTH_TOKEN", None)
+    environ.pop("RAY_ADDRESS", None)
+    port = free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    start = [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, env=environ, check=True, capture_output=True, text=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}", token
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=environ, capture_output=True, timeout=120)
+
+
+def ray_environ(project: Path, **auth: str) -> dict[str, str]:
+    """The project's environment with exactly the given Ray token settings (none of the caller's)."""
+    out = env(project)
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        out.pop(name, None)
+    return {**out, **auth}
+
+
+def test_a_token_protected_cluster_gives_one_line_without_the_right_token(copy_of: Path, token_cluster) -> None:
+    """README's recipe on one machine: with the head's token, features@ runs on the cluster (the local engine's
+    bytes); without a token, with a wrong one, or with a token file that is not there, the stage and `predict
+    --engine ray` (its address from params.yaml's features.ray) stop with one `error:` line in the user's terms,
+    exit 2, in seconds, and none of Ray's C++ retry lines."""
+    address, token = token_cluster
+    project = copy_of
+    update_params(project, {"features.engine": "ray", "features.ray": {**RAY, "address": address}})
+    stage = [sys.executable, "-m", "stages.features", "vgg16", "--images", "data/split/images.csv", "--out-dir"]
+    folder = project / "images/ring"
+    predict = [sys.executable, "-m", "imgclf", "predict", "--backbone", "mobilenet", "--engine", "ray", str(folder)]
+    wrong = project / "wrong_token"
+    wrong.write_text(os.urandom(32).hex())
+    cases = {
+        "no token": ({}, "RAY_AUTH_MODE is not set, so this machine gave none"),
+        "a wrong token": (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)},
+            f"the token this machine gave (from {wrong}) is not it",
+        ),
+        "no token file": (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(project / "missing")},
+            "cannot be read (No such file or directory)",
+        ),
+    }
+    for case, (auth, detail) in cases.items():
+        for cmd in ([*stage, "refused"], predict) if case != "no token file" else [[*stage, "refused"]]:
+            result = subprocess.run(
+                cmd, cwd=project, env=ray_environ(project, **auth), capture_output=True, text=True, timeout=120
+            )
+            assert result.returncode == 2, (case, result.stderr[-2000:])
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            errors = [line for line in lines if line.startswith("error:")]
+            assert len(errors) == 1 and detail in errors[0], (case, result.stderr[-2000:])
+            if case != "no token file":
+                assert f"the Ray cluster at {address} refused this machine: it needs the cluster's token" in errors[0]
+            assert "gcs_client" not in result.stderr and "Traceback" not in result.stderr, (case, result.stderr)
+            assert not (project / "refused").exists()  # nothing half-written
+    result = subprocess.run(
+        [*stage, "accepted"],
+        cwd=project,
+        env=ray_environ(project, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    local = (project / "data/features/vgg16/features.npy").read_bytes()
+    assert (project / "accepted/features.npy").read_bytes() == local
+    assert f"ray at {address}, 2 workers)" in (project / "logs/imgclf.log").read_text()

@@ -15,10 +15,13 @@ Ray is imported here only, and installed only on request (`pip install -r requir
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import re
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,16 +112,16 @@ def connect(options: dict[str, Any], setting: str = "features.ray.address") -> A
         kwargs["num_cpus"] = options["workers"] * options["cpus_per_worker"]
         if not options["gpus_per_worker"]:
             kwargs["num_gpus"] = 0
-    try:
-        ray.init(**kwargs)
-    except Exception as exc:  # ConnectionError, AuthenticationError, version mismatches: the user's to fix
-        if type(exc).__name__ == "AuthenticationError":
-            raise UserError(
-                f"the Ray cluster at {address} refused this machine: it needs the cluster's token (set "
-                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH, see README 'Beyond one machine')"
-            ) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"cannot start or join the Ray cluster at {address}: {type(exc).__name__}: {first}") from None
+    if address == "local":  # starts Ray's processes, which inherit file descriptor 2: left as it is
+        _init(ray, kwargs, address)
+    else:
+        check_token(address)
+        with captured_native_stderr() as written:  # Ray's C++ client retries, printing a line per attempt
+            try:
+                _init(ray, kwargs, address)
+            finally:
+                native = written()
+        replay(native)
     quiet_console(logging.getLogger("ray.data"))
     resources = ray.cluster_resources()
     for name, per_worker in (("CPU", options["cpus_per_worker"]), ("GPU", options["gpus_per_worker"])):
@@ -130,6 +133,116 @@ def connect(options: dict[str, Any], setting: str = "features.ray.address") -> A
                 f"{per_worker:g} need {needed:g}: lower the workers or the {name}s per worker, or add nodes"
             )
     return ray
+
+
+@contextlib.contextmanager
+def captured_native_stderr() -> Iterator[Callable[[], bytes]]:
+    """Send file descriptor 2 (Ray's C++ client writes there directly, below Python) to a temporary file for
+    the block; yields a function returning what was written. Only around calls that start no process (which
+    would inherit the descriptor): joining an existing cluster, not starting a local one."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+
+        def written() -> bytes:
+            sys.stderr.flush()
+            # pread: fd 2 shares the file's offset, so reading must not move it
+            return os.pread(sink.fileno(), os.fstat(sink.fileno()).st_size, 0)
+
+        try:
+            yield written
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _init(ray: Any, kwargs: dict[str, Any], address: str) -> None:
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # ConnectionError, AuthenticationError, version mismatches: the user's to fix
+        if type(exc).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(exc):
+            raise token_error(address) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"cannot start or join the Ray cluster at {address}: {type(exc).__name__}: {first}") from None
+
+
+# Ray's C++ client, per failed attempt to reach the cluster's GCS (once a second, for about 20 s).
+RETRY_LINE = re.compile(rb"^\[[^\]]*\] gcs_client\.cc:\d+: .*$\n?", re.MULTILINE)
+
+
+def replay(native: bytes) -> None:
+    """Pass on what Ray's native code wrote while joining a cluster that let us in (a real warning, a version
+    note), less its connection-retry lines."""
+    rest = RETRY_LINE.sub(b"", native)
+    if rest.strip():
+        sys.stderr.flush()
+        os.write(2, rest)
+
+
+def token_source() -> str:
+    """Where Ray takes this driver's token from in token mode: RAY_AUTH_TOKEN, else the file at
+    RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (Ray 2.60's order)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+
+
+def token_error(address: str) -> UserError:
+    """The cluster wants a token this driver did not give (RAY_AUTH_MODE not `token`), or gave another one."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    if mode.lower() == "token":
+        given = f"the token this machine gave (from {token_source()}) is not it"
+    else:
+        given = f"RAY_AUTH_MODE is {mode or 'not set'}, so this machine gave none"
+    return UserError(
+        f"the Ray cluster at {address} refused this machine: it needs the cluster's token, and {given} (set "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to a copy of the head's token file, see README 'Beyond one "
+        "machine')"
+    )
+
+
+def check_token(address: str) -> None:
+    """Ask the cluster's GCS once whether it lets this driver in: ray.init would retry a refused token for about
+    20 s, printing a C++ warning line per attempt, and then report a generic ConnectionError. Ray Client
+    addresses (ray://) and anything this probe cannot resolve are left to ray.init."""
+    source = token_source()
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and source != "RAY_AUTH_TOKEN":
+        try:  # Ray 2.60 aborts the whole process (a failed C++ check) on a token file it cannot read
+            empty = not Path(source).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"RAY_AUTH_MODE=token, but the token file {source} cannot be read "
+                f"({getattr(exc, 'strerror', None) or exc}); copy the head's token file there "
+                "(or set RAY_AUTH_TOKEN_PATH to it), see README 'Beyond one machine'"
+            ) from None
+        if empty:
+            raise UserError(
+                f"RAY_AUTH_MODE=token, but the token file {source} is empty; copy the head's token file there"
+            )
+    if address.startswith("ray://"):
+        return
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+        from ray._raylet import GcsClient
+    except ImportError:  # a Ray without these internals: ray.init reports the refusal, slowly
+        return
+    try:
+        gcs_address = canonicalize_bootstrap_address(address)
+    except Exception:  # e.g. auto with no cluster started here: ray.init says so
+        return
+    if gcs_address is None:
+        return
+    # The address as the user gave it (Ray maps 127.0.0.1 to the node's IP); auto with where it led.
+    shown = f"{address} ({gcs_address})" if address == "auto" else address
+    with captured_native_stderr() as written:
+        try:
+            GcsClient(address=gcs_address)  # connects and fetches the cluster's ID: refused at once without the token
+        except Exception as exc:
+            if type(exc).__name__ == "AuthenticationError" or b"InvalidAuthToken" in written():
+                raise token_error(shown) from None
+            # anything else (another service on that port, a version mismatch): ray.init reports it
 
 
 def quiet_console(logger: logging.Logger) -> None:
