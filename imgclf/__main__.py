@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imgclf.core.errors import USER_ERROR_EXIT, UserError
+from imgclf.core.errors import USER_ERROR_EXIT, UserError, log
 from imgclf.core.logs import quiet_native_stderr, setup_logging
 
 SOME_FAILED_EXIT = 3
@@ -24,7 +24,6 @@ def predict_command(args: argparse.Namespace) -> int:
     from imgclf.results.predict import ensemble_backbones
 
     models_dir = Path(args.models_dir)
-    ray_options = ray_settings(args) if args.engine == "ray" else {}
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
     if args.backbone == "ensemble":
@@ -35,6 +34,7 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(
             f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
         )
+    ray_options = ray_settings(args) if args.engine == "ray" else {}
     import os
 
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as the stages (repro.seed_everything)
@@ -72,31 +72,41 @@ RAY_DEFAULTS = {"address": "local", "workers": 2, "cpus_per_worker": 1, "gpus_pe
 
 def ray_settings(args: argparse.Namespace) -> dict[str, Any]:
     """predict --engine ray's cluster: `features.ray` of --params (params.yaml, when it exists: the cluster is
-    configured in one place), each overridden by its flag; Ray's own defaults outside a project."""
-    params_file = Path(args.params)
-    if params_file.is_file():
+    configured in one place), each overridden by its flag; Ray's own defaults outside a project. Returns the
+    options and, under "setting", where the address came from (for error messages)."""
+    flags = {"address": args.ray_address, "workers": args.ray_workers, "gpus_per_worker": args.ray_gpus}
+    params_file = Path(args.params or PARAMS_DEFAULT)
+    if args.params and not params_file.is_file():
+        raise UserError(f"--params {args.params}: no such file; give the project's params.yaml")
+    if all(v is not None for v in flags.values()) or not params_file.is_file():
+        options, source = dict(RAY_DEFAULTS), "defaults" if not params_file.is_file() else "flags"
+    else:
         from imgclf.params import load_params
 
-        options = dict(load_params(params_file)["features"]["ray"])
+        try:
+            options = dict(load_params(params_file)["features"]["ray"])
+        except UserError as exc:
+            raise UserError(
+                f"predict --engine ray reads its cluster from features.ray in {params_file}, which cannot be used "
+                f"({exc}); fix it, or give --ray-address, --ray-workers and --ray-gpus (or --params)"
+            ) from None
         source = f"features.ray in {params_file}"
-    elif args.params != PARAMS_DEFAULT:
-        raise UserError(f"--params {args.params}: no such file; give the project's params.yaml")
-    else:
-        options, source = dict(RAY_DEFAULTS), "defaults (no params.yaml here)"
-    for flag, key in (("ray_address", "address"), ("ray_workers", "workers"), ("ray_gpus", "gpus_per_worker")):
-        if getattr(args, flag) is not None:
-            options[key] = getattr(args, flag)
+    setting = f"features.ray.address in {params_file}" if args.ray_address is None and "features" in source else ""
+    options.update({k: v for k, v in flags.items() if v is not None})
     if options["workers"] < 1 or options["gpus_per_worker"] < 0:
         raise UserError(
             f"--ray-workers={options['workers']} must be 1 or more and --ray-gpus={options['gpus_per_worker']} "
             "0 or more"
         )
-    print(
-        f"predict: Ray at {options['address']}, {options['workers']} workers, {options['gpus_per_worker']:g} GPUs "
-        f"per worker ({source}, flags override)",
-        file=sys.stderr,
+    log.info(
+        "predict: Ray at %s, %d workers, %g GPUs per worker (%s%s)",
+        options["address"],
+        options["workers"],
+        options["gpus_per_worker"],
+        source,
+        ", flags override" if "features" in source else "",
     )
-    return options
+    return {**options, "setting": setting or "--ray-address"}
 
 
 def render_command(args: argparse.Namespace) -> int:
@@ -165,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--params",
-        default=PARAMS_DEFAULT,
         help="with --engine ray: the params file whose features.ray gives the cluster (default: params.yaml, if any)",
     )
     predict.add_argument(

@@ -77,6 +77,8 @@ SCHEMA: dict[str, Any] = {
     "train": {**TRAIN_KEYS, "overrides": "overrides"},
     "fine_tune": {"layers": "nonnegint", "lr": "posfloat", "epochs": "posint", "batch_size": "posint"},
     "evaluate": {"bootstrap": "posint", "confidence": "fraction", "attention_images_per_class": "posint"},
+    "cv": {"folds": "nonnegint", "repeats": "posint", "inner_val": "fraction"},
+    "label_issues": {"show": "nonnegint", "exclude": "bool"},
 }
 
 
@@ -276,6 +278,8 @@ def _check_cross(params: dict[str, Any]) -> None:
             f"split.val={split['val']} and split.test={split['test']} add up to "
             f"{split['val'] + split['test']:g}, leaving no training data; keep their sum below 1 (e.g. 0.15 and 0.15)"
         )
+    if params["cv"]["folds"] == 1:
+        raise UserError("cv.folds=1 leaves nothing to train on; use 0 (off) or 2 or more (5 is usual)")
     size = params["features"]["image_size"]
     for name in params["backbones"]:
         minimum = BACKBONES[name].min_size

@@ -2,7 +2,7 @@
 
     python -m stages.compare --plots-dir plots/backbones \
         --summary plots/compare/summary.json --ensemble-metrics metrics/ensemble.json --ensemble-dir plots/ensemble \
-        --ensemble-record models/ensemble.json --out-dir plots/compare
+        --ensemble-record models/ensemble.json --out-dir plots/compare --cv-metrics metrics/cv
 
 The backbones are those in params.yaml (a folder left over from a removed backbone is ignored). The best
 model is picked on the validation split; the test split only reports how good the pick is.
@@ -16,7 +16,7 @@ import pandas as pd
 from imgclf.core.errors import UserError, log, stage_main
 from imgclf.core.io import read_json, write_csv, write_json, write_text
 from imgclf.params import load_params
-from imgclf.results.compare import ensemble_probabilities, markdown_table, pick_best, summary_row
+from imgclf.results.compare import cv_columns, ensemble_probabilities, markdown_table, pick_best, summary_row
 from imgclf.results.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
 from imgclf.results.plots import comparison_plot
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in (
         "--plots-dir", "--summary", "--ensemble-metrics", "--ensemble-dir", "--ensemble-record",
-        "--out-dir",
+        "--out-dir", "--cv-metrics",
     ):  # fmt: skip
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args()
@@ -43,6 +43,7 @@ def main() -> None:
     for bb in backbones:
         model = read_json(args.plots_dir / bb / "model.json")
         extra = {"params_total": model["model_params"]["total"], "params_trainable": model["model_params"]["trainable"]}
+        extra |= cv_columns(read_json(args.cv_metrics / f"{bb}.json"))
         rows.append(summary_row(bb, read_json(args.plots_dir / bb / "report.json"), extra))
     name = "ensemble (" + " + ".join(backbones) + ")"
     write_predictions(args.ensemble_dir / "val_predictions.csv", list(val.path), list(val.actual), val_probs, classes)

@@ -5,11 +5,17 @@ workers."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import io
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,41 +134,54 @@ def test_the_ray_auth_mode_set_for_a_local_instance_is_removed_at_shutdown(monke
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory) -> tuple[str, Path]:
-    """A real Ray head on 127.0.0.1 with token authentication, as README's recipe starts one (2 CPUs); stopped
-    at the end. Returns its address and its token file (mode 600)."""
-    folder = tmp_path_factory.mktemp("ray_head")
+def token_cluster() -> Iterator[tuple[str, Path]]:
+    """A real Ray head on 127.0.0.1 with token authentication, as README's recipe starts one (2 CPUs), in its
+    own temporary folder and process group: stopped at the end without touching any other Ray instance here.
+    Returns its address and its token file (mode 600)."""
+    folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths live under it
     token = folder / "auth_token"
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, os.urandom(32).hex().encode())
     os.close(fd)
-    environ = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    environ.pop("RAY_AUTH_TOKEN", None)
-    environ.pop("RAY_ADDRESS", None)
-    port = free_port()
-    ray = str(Path(sys.executable).with_name("ray"))
-    start = [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
-    subprocess.run(start, env=environ, check=True, capture_output=True, text=True, timeout=120)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    port, agent_port = free_port(), free_port()
+    start = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+             "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+             f"--temp-dir={folder / 'tmp'}", f"--dashboard-agent-listen-port={agent_port}"]  # fmt: skip
+    output = folder / "start.log"  # a file, not a pipe: a blocked head must never wait on a full pipe
+    with output.open("wb") as sink:
+        head = subprocess.Popen(start, env=environ, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"ray start failed:\n{output.read_text()[-3000:]}") from None
+                time.sleep(0.5)
         yield f"127.0.0.1:{port}", token
     finally:
-        subprocess.run([ray, "stop", "--force"], env=environ, capture_output=True, timeout=120)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops the head's processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def ray_environ(project: Path, **auth: str) -> dict[str, str]:
     """The project's environment with exactly the given Ray token settings (none of the caller's)."""
-    out = env(project)
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-        out.pop(name, None)
+    out = {k: v for k, v in env(project).items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
     return {**out, **auth}
 
 
@@ -192,9 +211,9 @@ def test_a_token_protected_cluster_gives_one_line_without_the_right_token(copy_o
     }
     for case, (auth, detail) in cases.items():
         for cmd in ([*stage, "refused"], predict) if case != "no token file" else [[*stage, "refused"]]:
-            result = subprocess.run(
-                cmd, cwd=project, env=ray_environ(project, **auth), capture_output=True, text=True, timeout=120
-            )
+            # Were the probe gone, ray.init's retries (here 1000 attempts of a second) would overrun the timeout.
+            environ = ray_environ(project, **auth, RAY_NUM_REDIS_GET_RETRIES="1000")
+            result = subprocess.run(cmd, cwd=project, env=environ, capture_output=True, text=True, timeout=120)
             assert result.returncode == 2, (case, result.stderr[-2000:])
             lines = [line for line in result.stderr.splitlines() if line.strip()]
             errors = [line for line in lines if line.startswith("error:")]

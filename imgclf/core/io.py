@@ -71,7 +71,8 @@ def read_json(path: str | Path) -> Any:
 # Columns that hold text, whatever they look like: a class folder named `0`, `007` or `NA` is a label, not a
 # number or a missing value; a sha256 of digits only is still a hash.
 TEXT_COLUMNS = ("path", "label", "actual", "predicted", "sha256", "group", "phash", "provided_split", "status",
-                "reason", "mode", "format", "error", "labels", "path_a", "path_b", "label_a", "label_b")  # fmt: skip
+                "reason", "mode", "format", "error", "labels", "path_a", "path_b", "label_a", "label_b", "given",
+                "suggested")  # fmt: skip
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:

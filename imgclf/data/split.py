@@ -17,7 +17,7 @@ SPLITS = ("train", "val", "test")
 HELD_OUT = "held_out"
 
 
-def _group_key(ok: pd.DataFrame) -> pd.Series:
+def group_key(ok: pd.DataFrame) -> pd.Series:
     """What split keeps together: the group prepare formed (near-copies), else the content hash."""
     return ok.group.where(ok.group != "", ok.sha256) if "group" in ok else ok.sha256
 
@@ -28,7 +28,7 @@ def held_out(manifest: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> pd.Data
     ok = manifest[manifest.status == "ok"]
     placed = set().union(*(set(df.path) for df in splits.values()))
     rows = ok[~ok.path.isin(placed)].copy()
-    key, test_keys = _group_key(rows), set(_group_key(splits["test"]))
+    key, test_keys = group_key(rows), set(group_key(splits["test"]))
     rows["reason"] = [
         f"a copy or near-copy of an image in the provided {'test' if k in test_keys else 'validation'} folder"
         for k in key
@@ -57,7 +57,7 @@ def split_manifest(
     of what is being split).
     """
     ok = manifest[manifest.status == "ok"].reset_index(drop=True)
-    key = _group_key(ok)
+    key = group_key(ok)
     assigned = pd.Series("", index=ok.index, dtype=object)
     if use_provided_splits:
         test_keys = set(key[ok.provided_split == "test"])

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import math
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -112,16 +111,15 @@ def connect(options: dict[str, Any], setting: str = "features.ray.address") -> A
         kwargs["num_cpus"] = options["workers"] * options["cpus_per_worker"]
         if not options["gpus_per_worker"]:
             kwargs["num_gpus"] = 0
-    if address == "local":  # starts Ray's processes, which inherit file descriptor 2: left as it is
-        _init(ray, kwargs, address)
-    else:
-        check_token(address)
-        with captured_native_stderr() as written:  # Ray's C++ client retries, printing a line per attempt
-            try:
-                _init(ray, kwargs, address)
-            finally:
-                native = written()
-        replay(native)
+    if address != "local":
+        check_token(address, setting)  # before ray.init, which would retry a refusal for 20 s, line by line
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:  # ConnectionError, AuthenticationError, version mismatches: the user's to fix
+        if type(exc).__name__ == "AuthenticationError":
+            raise token_error(address) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"cannot start or join the Ray cluster at {address}: {type(exc).__name__}: {first}") from None
     quiet_console(logging.getLogger("ray.data"))
     resources = ray.cluster_resources()
     for name, per_worker in (("CPU", options["cpus_per_worker"]), ("GPU", options["gpus_per_worker"])):
@@ -138,8 +136,8 @@ def connect(options: dict[str, Any], setting: str = "features.ray.address") -> A
 @contextlib.contextmanager
 def captured_native_stderr() -> Iterator[Callable[[], bytes]]:
     """Send file descriptor 2 (Ray's C++ client writes there directly, below Python) to a temporary file for
-    the block; yields a function returning what was written. Only around calls that start no process (which
-    would inherit the descriptor): joining an existing cluster, not starting a local one."""
+    the block; yields a function returning what was written. Only around one bounded call that starts no
+    process (which would inherit the descriptor): the probe of check_token."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -158,29 +156,6 @@ def captured_native_stderr() -> Iterator[Callable[[], bytes]]:
             os.close(saved)
 
 
-def _init(ray: Any, kwargs: dict[str, Any], address: str) -> None:
-    try:
-        ray.init(**kwargs)
-    except Exception as exc:  # ConnectionError, AuthenticationError, version mismatches: the user's to fix
-        if type(exc).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(exc):
-            raise token_error(address) from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UserError(f"cannot start or join the Ray cluster at {address}: {type(exc).__name__}: {first}") from None
-
-
-# Ray's C++ client, per failed attempt to reach the cluster's GCS (once a second, for about 20 s).
-RETRY_LINE = re.compile(rb"^\[[^\]]*\] gcs_client\.cc:\d+: .*$\n?", re.MULTILINE)
-
-
-def replay(native: bytes) -> None:
-    """Pass on what Ray's native code wrote while joining a cluster that let us in (a real warning, a version
-    note), less its connection-retry lines."""
-    rest = RETRY_LINE.sub(b"", native)
-    if rest.strip():
-        sys.stderr.flush()
-        os.write(2, rest)
-
-
 def token_source() -> str:
     """Where Ray takes this driver's token from in token mode: RAY_AUTH_TOKEN, else the file at
     RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (Ray 2.60's order)."""
@@ -193,9 +168,12 @@ def token_error(address: str) -> UserError:
     """The cluster wants a token this driver did not give (RAY_AUTH_MODE not `token`), or gave another one."""
     mode = os.environ.get("RAY_AUTH_MODE", "")
     if mode.lower() == "token":
-        given = f"the token this machine gave (from {token_source()}) is not it"
-    else:
-        given = f"RAY_AUTH_MODE is {mode or 'not set'}, so this machine gave none"
+        return UserError(
+            f"the Ray cluster at {address} refused this machine: it needs the cluster's token, and the token this "
+            f"machine gave (from {token_source()}) is not it; point RAY_AUTH_TOKEN_PATH at a copy of the head's "
+            "token file, see README 'Beyond one machine'"
+        )
+    given = f"RAY_AUTH_MODE is {mode}" if mode else "RAY_AUTH_MODE is not set, so this machine gave none"
     return UserError(
         f"the Ray cluster at {address} refused this machine: it needs the cluster's token, and {given} (set "
         "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to a copy of the head's token file, see README 'Beyond one "
@@ -203,10 +181,14 @@ def token_error(address: str) -> UserError:
     )
 
 
-def check_token(address: str) -> None:
-    """Ask the cluster's GCS once whether it lets this driver in: ray.init would retry a refused token for about
-    20 s, printing a C++ warning line per attempt, and then report a generic ConnectionError. Ray Client
-    addresses (ray://) and anything this probe cannot resolve are left to ray.init."""
+PROBE_TIMEOUT_MS = 5000  # one attempt to reach the cluster's GCS, and its answer
+
+
+def check_token(address: str, setting: str = "features.ray.address") -> None:
+    """Ask the cluster's GCS once, in at most 5 s, whether it lets this driver in. A refused token would make
+    ray.init retry for about 20 s, printing a C++ warning line per attempt, and then end in a bare
+    ConnectionError; a port where no Ray GCS answers, for minutes. Ray Client addresses (ray://) are left to
+    ray.init (the client server checks the token itself)."""
     source = token_source()
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and source != "RAY_AUTH_TOKEN":
         try:  # Ray 2.60 aborts the whole process (a failed C++ check) on a token file it cannot read
@@ -224,25 +206,46 @@ def check_token(address: str) -> None:
     if address.startswith("ray://"):
         return
     try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
         from ray._private.services import canonicalize_bootstrap_address
-        from ray._raylet import GcsClient
-    except ImportError:  # a Ray without these internals: ray.init reports the refusal, slowly
+        from ray._raylet import InnerGcsClient
+    except ImportError:  # a Ray without these internals (not 2.60): ray.init reports a refusal, slowly
         return
+    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        # What ray.init does for a cluster it finds itself: use the token this machine has, if it has one.
+        auth_log = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+        level = auth_log.level
+        auth_log.setLevel(logging.ERROR)  # its notice that token mode is now on: the expected case here
+        try:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        finally:
+            auth_log.setLevel(level)
     try:
         gcs_address = canonicalize_bootstrap_address(address)
-    except Exception:  # e.g. auto with no cluster started here: ray.init says so
+    except Exception:  # e.g. auto with no cluster started here: ray.init says so, at once
         return
-    if gcs_address is None:
+    if gcs_address is None:  # auto with RAY_ADDRESS=local: ray.init starts a local instance
         return
     # The address as the user gave it (Ray maps 127.0.0.1 to the node's IP); auto with where it led.
     shown = f"{address} ({gcs_address})" if address == "auto" else address
-    with captured_native_stderr() as written:
+    if address == "auto":
+        check_reachable(gcs_address, setting)  # a stale address file left by a stopped cluster
+    with captured_native_stderr() as written:  # the C++ client's line about the failed attempt
         try:
-            GcsClient(address=gcs_address)  # connects and fetches the cluster's ID: refused at once without the token
+            # Connects and fetches the cluster's ID: one bounded attempt.
+            InnerGcsClient.standalone(gcs_address, None, PROBE_TIMEOUT_MS)
+            return
         except Exception as exc:
-            if type(exc).__name__ == "AuthenticationError" or b"InvalidAuthToken" in written():
-                raise token_error(shown) from None
-            # anything else (another service on that port, a version mismatch): ray.init reports it
+            refused = type(exc).__name__ == "AuthenticationError" or b"InvalidAuthToken" in written()
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if refused:
+        raise token_error(shown)
+    raise UserError(
+        f"nothing answered as a Ray cluster at {shown} ({detail}); check {setting}: the "
+        "head's GCS port (6379 by default, not the dashboard's 8265) or ray://host:10001 for Ray Client"
+    )
 
 
 def quiet_console(logger: logging.Logger) -> None:

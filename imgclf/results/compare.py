@@ -41,6 +41,23 @@ def summary_row(name: str, report: dict[str, Any], extra: dict[str, Any]) -> dic
     return {"model": name, **headline(report, report["validation"]), **extra}
 
 
+CV_COLUMNS = ["cv_accuracy", "cv_accuracy_sd", "cv_macro_f1", "cv_macro_f1_sd", "cv_folds"]
+
+
+def cv_columns(cv: dict[str, Any]) -> dict[str, Any]:
+    """A backbone's cross-validation summary (metrics/cv/<bb>.json) as comparison columns; empty values when
+    cv.folds is 0."""
+    if not cv.get("folds"):
+        return dict.fromkeys(CV_COLUMNS)
+    return {
+        "cv_accuracy": cv["accuracy"]["mean"],
+        "cv_accuracy_sd": cv["accuracy"]["sd"],
+        "cv_macro_f1": cv["macro_f1"]["mean"],
+        "cv_macro_f1_sd": cv["macro_f1"]["sd"],
+        "cv_folds": f"{cv['folds']}x{cv['repeats']}",
+    }
+
+
 def pick_best(summary: pd.DataFrame) -> str:
     """The model with the highest validation accuracy (then the lowest validation loss): chosen without
     looking at the test split, whose numbers stay an unbiased estimate for the chosen model."""
@@ -51,17 +68,27 @@ def pick_best(summary: pd.DataFrame) -> str:
 def markdown_table(summary: pd.DataFrame, level: float) -> str:
     """The comparison as a markdown table, in the order of `summary` (ensemble included)."""
     pct = f"{level:.0%}"
+    with_cv = "cv_accuracy" in summary and summary.cv_accuracy.notna().any()
+    cv_header = " CV accuracy (mean ± sd, folds x repeats) | CV macro F1 (mean ± sd) |" if with_cv else ""
     lines = [
-        f"| model | val accuracy | test accuracy [{pct} CI] | test macro F1 [{pct} CI] | ROC AUC (OvR macro) "
-        "| parameters (trainable) |",
-        "|---|---|---|---|---|---|",
+        f"| model | val accuracy | test accuracy [{pct} CI] | test macro F1 [{pct} CI] |{cv_header} ROC AUC (OvR "
+        "macro) | parameters (trainable) |",
+        "|---|---|---|---|" + ("---|---|" if with_cv else "") + "---|---|",
     ]
     for row in summary.itertuples():
         auc = "n/a" if row.roc_auc is None or pd.isna(row.roc_auc) else f"{row.roc_auc:.4f}"
         params = "" if pd.isna(row.params_total) else f"{int(row.params_total):,} ({int(row.params_trainable):,})"
+        cv = ""
+        if with_cv:
+            cv = (
+                " n/a | n/a |"
+                if pd.isna(row.cv_accuracy)
+                else f" {row.cv_accuracy:.4f} ± {row.cv_accuracy_sd:.4f} ({row.cv_folds}) | {row.cv_macro_f1:.4f} ± "
+                f"{row.cv_macro_f1_sd:.4f} |"
+            )
         lines.append(
             f"| {row.model} | {row.val_accuracy:.4f} | {row.accuracy:.4f} [{row.accuracy_low:.4f}, "
             f"{row.accuracy_high:.4f}] | {row.macro_f1:.4f} [{row.macro_f1_low:.4f}, {row.macro_f1_high:.4f}] "
-            f"| {auc} | {params} |"
+            f"|{cv} {auc} | {params} |"
         )
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,36 @@ def sample_grid(
             if c == 0:
                 ax.set_title(label, loc="left", fontsize=10)
     fig.suptitle("Sample images per class")
+    save_figure(fig, path)
+
+
+def label_issue_grid(
+    issues: pd.DataFrame,
+    root: str | Path,
+    path: str | Path,
+    recipe: ImageRecipe = DEFAULT_RECIPE,
+    note: str = "",
+    image_size: int = 96,
+    per_row: int = 8,
+) -> None:
+    """The top suspects of label_issues.csv, most suspicious first: each image with "given -> suggested" and
+    its score (the out-of-fold probability of the given label). `note` replaces the grid when there is none."""
+    if issues.empty:
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, note or "no label issues", ha="center", va="center", fontsize=10)
+        save_figure(fig, path)
+        return
+    rows = math.ceil(len(issues) / per_row)
+    cols = min(per_row, len(issues))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, row in enumerate(issues.itertuples()):
+        ax = axes[i // per_row][i % per_row]
+        ax.imshow(load_image(Path(root) / row.path, image_size, recipe).astype(np.uint8))
+        ax.set_title(f"#{row.rank} {row.given} ->\n{row.suggested} ({float(row.score):.2f})", fontsize=7)
+    fig.suptitle("Suspected label errors (given -> suggested, p(given) out of fold)", fontsize=10)
     save_figure(fig, path)
 
 

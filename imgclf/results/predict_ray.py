@@ -53,7 +53,7 @@ def classify_on_ray(
             with Progress(len(paths), f"predict {clf.name} on ray") as bar:
                 for out in ray_batches(
                     clf.model_file, paths, clf.image_size, batch_size, clf.recipe, options,  # type: ignore[arg-type]
-                    actor=ClassifierModel, setting="--ray-address",
+                    actor=ClassifierModel, setting=options.get("setting", "--ray-address"),
                 ):  # fmt: skip
                     n = len(out["row"])
                     probs[done : done + n] += np.asarray(out["output"], dtype=np.float64)
