@@ -31,11 +31,17 @@ def main() -> None:
     excluded = 0
     if params["label_issues"]["exclude"]:
         listed = set(read_csv(args.label_issues).path)
+        if not listed:
+            log.warning(
+                "balance: label_issues.exclude is on, but %s lists no image (is cv.folds 0?): nothing excluded",
+                args.label_issues,
+            )
         keep = ~splits["train"].path.isin(listed)
         excluded = int((~keep).sum())
+        before = set(splits["train"].label)
         splits["train"] = splits["train"][keep].reset_index(drop=True)
         log.info("balance: %d training file(s) excluded as suspected label errors (label_issues.exclude)", excluded)
-        missing = sorted(set(splits["val"].label) - set(splits["train"].label))
+        missing = sorted(before - set(splits["train"].label))
         if missing:
             raise UserError(
                 f"label_issues.exclude leaves no training image of class(es) {', '.join(map(repr, missing))}; "

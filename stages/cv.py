@@ -1,13 +1,13 @@
 """cv@<backbone>: k-fold cross-validation of the attention head on the cached features (no backbone pass).
 
-    python -m stages.cv vgg16 --features data/features/vgg16 --split-dir data/split --out-dir data/cv/vgg16 \
+    python -m stages.cv vgg16 --features data/features/vgg16 --split-dir data/split --oof plots/cv/vgg16/oof.csv \
         --folds-csv plots/cv/vgg16/folds.csv --metrics metrics/cv/vgg16.json
 
 Folds: stratified group k-fold over train + validation (test untouched), `cv.repeats` times with different
 seeds. Per fold: the head and params of train@ (train.overrides included), early stopping on an inner
 validation part of the training folds (`cv.inner_val`, whole groups), oversampling (`balance.method`) of the
 remaining training rows only. Augmented variants are not used (they exist for the training split only).
-Writes the out-of-fold probabilities of every train + validation image (out-dir/oof.csv), per-fold metrics
+Writes the out-of-fold probabilities of every train + validation image (--oof), per-fold metrics
 (folds.csv) and their mean, sd and t-interval (metrics). With `cv.folds: 0`: the same files, empty, and
 TensorFlow is never imported.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.core.errors import log, stage_main
-from imgclf.core.io import atomic_path, read_csv, write_csv, write_json
+from imgclf.core.io import read_csv, write_csv, write_json
 from imgclf.features.backbones import get_backbone
 from imgclf.params import load_params, train_params
 from imgclf.results.crossval import (
@@ -35,14 +35,12 @@ from imgclf.results.crossval import (
 )
 from imgclf.results.evaluation import format_probability, probability_columns
 
-OOF_FILE = "oof.csv"
-
 
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone")
-    for name in ("--features", "--split-dir", "--out-dir", "--folds-csv", "--metrics"):
+    for name in ("--features", "--split-dir", "--oof", "--folds-csv", "--metrics"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args()
     params = load_params()
@@ -53,9 +51,7 @@ def main() -> None:
     classes = sorted(set(data.label))
     if cv["folds"] == 0:
         oof, folds = empty_outputs(classes)
-        with atomic_path(args.out_dir) as tmp:
-            tmp.mkdir(parents=True)
-            write_csv(oof, tmp / OOF_FILE)
+        write_csv(oof, args.oof)
         write_csv(folds, args.folds_csv)
         write_json(args.metrics, {"folds": 0})
         log.info("cv@%s: off (cv.folds: 0)", backbone.name)
@@ -101,7 +97,7 @@ def main() -> None:
                 name: FeatureBatches(
                     [(store.array, store.rows(plan[name]), y[name])],
                     tp["batch_size"],
-                    shuffle_seed=seed + k if name == "train" else None,
+                    shuffle_seed=seed + 1000 * repeat + k if name == "train" else None,
                 )
                 for name in plan
             }
@@ -130,9 +126,7 @@ def main() -> None:
     oof = oof[[*OOF_COLUMNS, *probability_columns(classes)]].sort_values(["repeat", "path"]).reset_index(drop=True)
     folds_table = pd.DataFrame(fold_rows, columns=FOLD_COLUMNS)
     metrics = summary(folds_table, params["evaluate"]["confidence"])
-    with atomic_path(args.out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        write_csv(oof, tmp / OOF_FILE)
+    write_csv(oof, args.oof)
     write_csv(folds_table, args.folds_csv)
     write_json(args.metrics, metrics)
     runs = cv["folds"] * cv["repeats"]

@@ -1,6 +1,6 @@
 """label_issues: the train + validation images whose given label the cross-validated models disagree with.
 
-    python -m stages.label_issues --cv-dir data/cv --out plots/data/label_issues.csv \
+    python -m stages.label_issues --cv-dir plots/cv --out plots/data/label_issues.csv \
         --picture plots/data/label_issues.png
 
 Combines the out-of-fold probabilities of every backbone in params.yaml (and every repeat) by averaging
@@ -43,7 +43,7 @@ def main() -> None:
     elif table.empty:
         note = f"no label issues among {len(images)} images"
     else:
-        note = ""
+        note = f"{len(table)} suspected label errors: see {args.out} (label_issues.show is 0)"
     label_issue_grid(
         table.head(params["label_issues"]["show"]),
         params["data"]["root"],
@@ -53,11 +53,10 @@ def main() -> None:
     )
     if len(images):
         log.info(
-            "label_issues: %d of %d train + validation images flagged (out-of-fold probabilities of %s, averaged)%s",
+            "label_issues: %d of %d train + validation images flagged (out-of-fold probabilities of %s, averaged)",
             len(table),
             len(images),
             " + ".join(backbones),
-            "; label_issues.exclude drops them from training" if params["label_issues"]["exclude"] else "",
         )
     else:
         log.info("label_issues: off (cv.folds: 0)")

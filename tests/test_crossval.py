@@ -29,7 +29,7 @@ from imgclf.results.crossval import (
 
 
 def grouped_rows(seed: int = 0) -> pd.DataFrame:
-    """Imbalanced classes (120/60/30 images) in groups of 1 to 4 images (near-copies, or one patient's)."""
+    """Imbalanced classes (120/60/30 images) in groups of 1 to 4 images (identical files or near-copies)."""
     rng = np.random.default_rng(seed)
     rows = []
     for label, n in (("a", 120), ("b", 60), ("c", 30)):
@@ -69,10 +69,35 @@ def test_oversampling_and_early_stopping_never_see_the_held_out_fold() -> None:
         assert set(plan["inner_val"].label) == {"a", "b", "c"}  # stratified inner validation
 
 
-def test_a_t_interval_across_folds() -> None:
-    out = summarise([0.8, 0.9, 1.0], confidence=0.95)
-    # mean 0.9, sd 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3) = 4.302653 * 0.057735 = 0.248414
-    assert out == {"mean": 0.9, "sd": 0.1, "ci_low": pytest.approx(0.651586, abs=1e-6), "ci_high": 1.148414}
+def test_the_interval_across_folds_uses_the_corrected_variance() -> None:
+    out = summarise([0.8, 0.9, 1.0], confidence=0.95, test_train_ratio=0.5)  # 3 folds: 1/(k - 1)
+    # mean 0.9, sd 0.1; se = 0.1 * sqrt(1/3 + 1/2) = 0.0912871; half-width t(0.975, 2) * se = 0.392777
+    assert out == {
+        "mean": 0.9,
+        "sd": 0.1,
+        "ci_low": pytest.approx(0.507223, abs=1e-6),
+        "ci_high": pytest.approx(1.292777, abs=1e-6),
+    }
+    # Repeats add no data: the same five scores three times must not narrow the interval much (1/sqrt(3) would).
+    once = summarise([0.80, 0.84, 0.86, 0.82, 0.88], 0.95, test_train_ratio=0.25)
+    thrice = summarise([0.80, 0.84, 0.86, 0.82, 0.88] * 3, 0.95, test_train_ratio=0.25)
+    width = {name: r["ci_high"] - r["ci_low"] for name, r in (("once", once), ("thrice", thrice))}
+    assert width["thrice"] > 0.55 * width["once"], width  # sd / sqrt(k r) gives 0.43 times
+
+
+def test_a_rare_class_always_keeps_a_training_group_in_every_fold() -> None:
+    """A class of two images among 152: the inner validation part never takes its last training group
+    (a head that never saw the class would flag its held-out images as label errors)."""
+    rows = [{"path": f"a{i}", "label": "a", "group": f"a{i}"} for i in range(100)]
+    rows += [{"path": f"b{i}", "label": "b", "group": f"b{i}"} for i in range(50)]
+    rows += [{"path": f"c{i}", "label": "c", "group": f"c{i}"} for i in range(2)]  # two images, two groups
+    data = pd.DataFrame(rows)
+    for seed in range(20):
+        folds = assign_folds(data.label.to_numpy(), data.group.to_numpy(), 5, seed)
+        for k in range(5):
+            plan = fold_plan(data, folds, k, inner_share=0.2, method="random_over", seed=seed)
+            outside = set(data.label[folds != k])
+            assert set(plan["train"].label) == outside, (seed, k)
 
 
 def test_the_ranking_flags_exactly_the_flipped_labels_and_suggests_the_true_class() -> None:
@@ -113,13 +138,13 @@ def test_cv_off_writes_empty_outputs_without_importing_tensorflow(copy_of: Path)
     project = copy_of
     assert json.loads((project / "metrics/cv/vgg16.json").read_text()) == {"folds": 0}  # the default, via dvc repro
     block = "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None; import runpy; "
-    args = ["vgg16", "--features", "data/features/vgg16", "--split-dir", "data/split", "--out-dir", "cv_out",
+    args = ["vgg16", "--features", "data/features/vgg16", "--split-dir", "data/split", "--oof", "oof.csv",
             "--folds-csv", "folds.csv", "--metrics", "cv.json"]  # fmt: skip
     code = block + f"sys.argv = ['cv'] + {args!r}; runpy.run_module('stages.cv', run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", code], cwd=project, env=env(project), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((project / "cv.json").read_text()) == {"folds": 0}
-    assert pd.read_csv(project / "cv_out/oof.csv").empty and pd.read_csv(project / "folds.csv").empty
+    assert pd.read_csv(project / "oof.csv").empty and pd.read_csv(project / "folds.csv").empty
     issues = read_csv(project / "plots/data/label_issues.csv")
     assert issues.empty and list(issues.columns) == ["rank", "path", "given", "suggested", "score", "backbones"]
 
@@ -137,7 +162,7 @@ def test_changing_cv_reruns_only_cross_validation_and_what_reads_it(copy_of: Pat
     assert ran <= {"cv@vgg16", "cv@mobilenet", "label_issues", "balance", "compare"}, out[-3000:]
     split = pool(read_csv(project / "data/split/train.csv"), read_csv(project / "data/split/val.csv"))
     for bb in ("vgg16", "mobilenet"):
-        oof = read_csv(project / f"data/cv/{bb}/oof.csv")
+        oof = read_csv(project / f"plots/cv/{bb}/oof.csv")
         for repeat in (0, 1):
             part = oof[oof.repeat == repeat]
             assert sorted(part.path) == sorted(split.path)  # each image once per repeat

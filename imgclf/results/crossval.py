@@ -1,7 +1,7 @@
 """Cross-validation on cached features (cv@<bb>), and the images whose labels the models disagree with.
 
-    train + validation rows (test untouched) -> stratified group k-fold (groups: identical and near-duplicate
-    content, and patient groups when the split has them) -> per fold: an inner validation part of the training
+    train + validation rows (test untouched) -> stratified group k-fold (groups: split's `group` column,
+    identical and near-duplicate content) -> per fold: an inner validation part of the training
     folds for early stopping, oversampling of the rest only, the head of train@ fitted on the cached features
     -> the held-out fold's probabilities (out-of-fold) and its accuracy, macro F1 and log loss
 
@@ -67,8 +67,9 @@ def class_fold_shortfall(labels: np.ndarray, groups: np.ndarray, folds: int) -> 
 
 
 def inner_validation(labels: np.ndarray, groups: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """A mask of the training folds' rows kept for early stopping: one group-stratified part of about `share`
-    (the first of round(1/share) StratifiedGroupKFold parts), so it holds whole groups of every class."""
+    """A mask of the training folds' rows kept for early stopping: the first of round(1/share) group-stratified
+    parts (StratifiedGroupKFold), so it holds whole groups of every class; its share is 1/round(1/share) (0.2: a
+    fifth; 0.3: a third), the nearest share of that form."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     parts = max(2, min(round(1 / share), len(set(groups))))
@@ -84,10 +85,24 @@ def inner_validation(labels: np.ndarray, groups: np.ndarray, share: float, seed:
 def fold_plan(data: pd.DataFrame, folds: np.ndarray, k: int, inner_share: float, method: str, seed: int) -> dict:
     """For fold k: the held-out rows, the inner validation rows and the (oversampled) training rows, as
     frames. Oversampling sees the training part of the training folds only: never a held-out or inner
-    validation row."""
+    validation row. Every class outside the held-out fold keeps at least one group in the training part."""
     held = folds == k
     rest = data[~held].reset_index(drop=True)
+    if rest.group.nunique() < 2:
+        raise UserError(
+            f"cross-validation fold {k + 1} leaves {rest.group.nunique()} group(s) of images to train and stop early "
+            "on (two or more needed); lower cv.folds or add images"
+        )
     inner = inner_validation(rest.label.to_numpy(), rest.group.to_numpy(), inner_share, seed + k)
+    # A class whose groups outside the held-out fold all fell into the inner part goes back to training: a head
+    # that never saw a class would give its held-out images ~0 for their own label (false label issues).
+    lost = set(rest.label) - set(rest.label[~inner])
+    inner &= ~rest.label.isin(lost).to_numpy()
+    if rest.label[~inner].nunique() < 2:
+        raise UserError(
+            f"cross-validation fold {k + 1} leaves one class ({rest.label[~inner].iloc[0]!r}) to train on; lower "
+            "cv.folds or add images of the other classes"
+        )
     return {
         "held": data[held].reset_index(drop=True),
         "inner_val": rest[inner].reset_index(drop=True),
@@ -96,38 +111,46 @@ def fold_plan(data: pd.DataFrame, folds: np.ndarray, k: int, inner_share: float,
 
 
 def fold_metrics(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy, macro F1 (over the classes present in the fold's truth or predictions) and log loss."""
+    """Accuracy, macro F1 (over the classes present in the fold's truth, as the test report's) and log loss."""
     from sklearn.metrics import accuracy_score, f1_score, log_loss
 
     predicted = probs.argmax(axis=1)
     return {
         "accuracy": round(float(accuracy_score(y_true, predicted)), 6),
-        "macro_f1": round(float(f1_score(y_true, predicted, average="macro", zero_division=0)), 6),
+        "macro_f1": round(
+            float(f1_score(y_true, predicted, labels=np.unique(y_true), average="macro", zero_division=0)), 6
+        ),
         "loss": round(float(log_loss(y_true, normalised(probs), labels=list(range(n_classes)))), 6),
     }
 
 
-def summarise(values: list[float], confidence: float) -> dict[str, float]:
-    """Mean, sample standard deviation and a Student-t interval for the mean across folds (and repeats).
+def summarise(values: list[float], confidence: float, test_train_ratio: float) -> dict[str, float]:
+    """Mean, sample standard deviation and a t-interval for the mean across the folds of all repeats.
 
-    The folds share training data, so their scores are not independent and the interval is optimistic (no
-    unbiased estimator of this variance exists; Bengio and Grandvalet, JMLR 2004): read it as the spread of
-    the estimate, not as a guarantee."""
+    The folds share training images, so their scores are not independent and the plain t-interval,
+    sd / sqrt(k r), is far too narrow (and shrinks with every repeat, with no new data). The interval uses
+    Nadeau and Bengio's corrected variance (Machine Learning 52, 2003; for repeated k-fold, Bouckaert and
+    Frank, PAKDD 2004): sd^2 (1 / (k r) + n_test / n_train), with k r - 1 degrees of freedom. Still a
+    heuristic (no unbiased estimator of this variance exists; Bengio and Grandvalet, JMLR 2004)."""
     from scipy import stats
 
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean())
     sd = float(x.std(ddof=1)) if len(x) > 1 else 0.0
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * sd / math.sqrt(len(x))) if len(x) > 1 else 0.0
+    se = sd * math.sqrt(1 / len(x) + test_train_ratio)
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * se) if len(x) > 1 else 0.0
     return {k: round(v, 6) for k, v in {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}.items()}
 
 
 def summary(folds: pd.DataFrame, confidence: float) -> dict[str, Any]:
-    """metrics/cv/<bb>.json: the fold count, repeats, and mean/sd/interval of each metric."""
-    out: dict[str, Any] = {"folds": int(folds.fold.nunique()), "repeats": int(folds.repeat.nunique())}
+    """metrics/cv/<bb>.json: the fold count, repeats, and mean/sd/interval of each metric. The test/train
+    ratio of the correction is the folds' own: held-out images over the images of the rest (1 / (k - 1))."""
+    k = int(folds.fold.nunique())
+    out: dict[str, Any] = {"folds": k, "repeats": int(folds.repeat.nunique())}
     for metric in METRICS:
-        out[metric] = summarise(folds[metric].tolist(), confidence)
+        out[metric] = summarise(folds[metric].tolist(), confidence, test_train_ratio=1 / (k - 1))
     out["ci_level"] = confidence
+    out["ci"] = "t, Nadeau-Bengio corrected variance"
     return out
 
 
