@@ -61,8 +61,7 @@ def main() -> None:
 
     seed_everything(seed)
     from imgclf.features.store import FeatureBatches, FeatureStore
-    from imgclf.head.model import build_attention_head
-    from imgclf.head.training import fit_head
+    from imgclf.head.training import build_head, fit_head
 
     store = FeatureStore(args.features)
     tp = train_params(params, backbone.name)
@@ -81,18 +80,7 @@ def main() -> None:
             plan = fold_plan(data, folds, k, cv["inner_val"], params["balance"]["method"], seed + 1000 * repeat)
             y = {name: plan[name].label.map(index).to_numpy() for name in plan}
             mean, variance = store.channel_stats(plan["train"])
-            head = build_attention_head(
-                store.feature_shape,
-                len(classes),
-                token_dim=tp["token_dim"],
-                heads=tp["heads"],
-                key_dim=tp["key_dim"],
-                dense_units=tp["dense_units"],
-                dropout=tp["dropout"],
-                noise_stddev=tp["noise_stddev"],
-                feature_mean=mean,
-                feature_variance=variance,
-            )
+            head = build_head(store.feature_shape, len(classes), tp, mean, variance)
             batches = {
                 name: FeatureBatches(
                     [(store.array, store.rows(plan[name]), y[name])],

@@ -38,8 +38,8 @@ def main() -> None:
     from imgclf.features.device import platform_record
     from imgclf.features.extractor import backbone_of
     from imgclf.features.store import FeatureBatches, FeatureStore, VariantStore
-    from imgclf.head.model import build_attention_head, build_end_to_end, count_params
-    from imgclf.head.training import LiveLogger, fine_tune, fit_head, open_live
+    from imgclf.head.model import build_end_to_end, count_params
+    from imgclf.head.training import LiveLogger, build_head, fine_tune, fit_head, open_live
     from imgclf.results.plots import history_plot
 
     store = FeatureStore(args.features)
@@ -55,18 +55,7 @@ def main() -> None:
             backbone.name,
             store.info["image_size"],
         )
-    head = build_attention_head(
-        store.feature_shape,
-        len(classes),
-        token_dim=tp["token_dim"],
-        heads=tp["heads"],
-        key_dim=tp["key_dim"],
-        dense_units=tp["dense_units"],
-        dropout=tp["dropout"],
-        noise_stddev=tp["noise_stddev"],
-        feature_mean=mean,
-        feature_variance=variance,
-    )
+    head = build_head(store.feature_shape, len(classes), tp, mean, variance)
     y_train, y_val = train.label.map(index).to_numpy(), val.label.map(index).to_numpy()
     variants = VariantStore(args.augmented)
     n, copies = len(train), variants.copies

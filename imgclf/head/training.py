@@ -82,6 +82,31 @@ def best_epoch_keeper(early_stopping: dict[str, Any]) -> keras.callbacks.EarlySt
     )
 
 
+def build_head(
+    feature_shape: tuple[int, int, int],
+    n_classes: int,
+    params: dict[str, Any],
+    feature_mean: np.ndarray,
+    feature_variance: np.ndarray,
+) -> keras.Model:
+    """The attention head as `params` (one backbone's train section, params.train_params) shapes it, with the
+    per-channel standardisation of its training rows: the one place train@ and cv@ build it."""
+    from imgclf.head.model import build_attention_head
+
+    return build_attention_head(
+        feature_shape,
+        n_classes,
+        token_dim=params["token_dim"],
+        heads=params["heads"],
+        key_dim=params["key_dim"],
+        dense_units=params["dense_units"],
+        dropout=params["dropout"],
+        noise_stddev=params["noise_stddev"],
+        feature_mean=feature_mean,
+        feature_variance=feature_variance,
+    )
+
+
 def fit_head(
     head: keras.Model,
     train: FeatureBatches,
