@@ -1,8 +1,10 @@
-"""Command line: `python -m imgclf predict | verify | diff | render-plots ...` (also installed as `imgclf ...`).
+"""Command line: `python -m imgclf predict | export | verify | diff | render-plots ...` (also installed as
+`imgclf ...`).
 
-Exit codes: 0 success (every image classified; reproduced; diff printed); 1 `verify` found a model that
-differs beyond noise; 3 some images could not be read (they get a row with the error and no label); 2 a usage
-problem (no such model, unknown backbone or revision, no input, test sets that cannot be paired).
+Exit codes: 0 success (every image classified; exported and checked; reproduced; diff printed); 1 `verify` found
+a model that differs beyond noise, or an export disagrees with predict beyond its tolerance (it is not written);
+3 some images could not be read (they get a row with the error and no label); 2 a usage problem (no such model,
+unknown backbone or revision, no input, test sets that cannot be paired).
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ PARAMS_DEFAULT = "params.yaml"
 
 def predict_command(args: argparse.Namespace) -> int:
     from imgclf.features.backbones import BACKBONES
-    from imgclf.results.predict import ensemble_backbones
+    from imgclf.results.predict import ensemble_record
 
     models_dir = Path(args.models_dir)
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
+    ensemble_temperature = 1.0
     if args.backbone == "ensemble":
-        names = ensemble_backbones(models_dir)
+        record = ensemble_record(models_dir)
+        names, ensemble_temperature = list(record["backbones"]), float(record.get("temperature", 1.0))
     elif args.backbone in BACKBONES:
         names = [args.backbone]
     else:
@@ -49,9 +53,9 @@ def predict_command(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from imgclf.results.predict_ray import classify_on_ray
 
-        table = classify_on_ray(classifiers, paths, args.batch_size, ray_options)
+        table = classify_on_ray(classifiers, paths, args.batch_size, ray_options, ensemble_temperature)
     else:
-        table = classify(classifiers, paths, batch_size=args.batch_size)
+        table = classify(classifiers, paths, args.batch_size, ensemble_temperature)
     if args.out:
         from imgclf.core.io import write_csv
 
@@ -107,6 +111,54 @@ def ray_settings(args: argparse.Namespace) -> dict[str, Any]:
         ", flags override" if "features" in source else "",
     )
     return {**options, "setting": setting or "--ray-address"}
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from imgclf.features.backbones import BACKBONES
+    from imgclf.results.predict import ensemble_record, find_images
+
+    models_dir = Path(args.models_dir)
+    ensemble_temperature = 1.0
+    if args.backbone == "ensemble":
+        record = ensemble_record(models_dir)
+        names, ensemble_temperature = list(record["backbones"]), float(record.get("temperature", 1.0))
+    elif args.backbone in BACKBONES:
+        names = [args.backbone]
+    else:
+        raise UserError(f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble")
+    from imgclf.deploy.export import check_options, check_out_dir
+
+    # One line for a bad option or folder before any model loads (the runtime checks import TensorFlow: last).
+    check_out_dir(args.out, models_dir, args.force)
+    check_options(args.format, args.quantize, args.tolerance)
+    if args.check_images:
+        paths = find_images(args.check_images)
+    else:
+        from imgclf.deploy.export import check_images_of
+        from imgclf.params import load_params
+
+        root = Path(load_params(args.params)["data"]["root"])
+        paths = check_images_of(Path(args.split_dir) / "test.csv", root)
+    import os
+
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    import tensorflow as tf
+
+    from imgclf.deploy.export import ExportCheckFailed, export
+    from imgclf.results.predict import Classifier
+
+    tf.get_logger().setLevel("ERROR")
+    classifiers = [Classifier.load(models_dir / name) for name in names]
+    try:
+        export(classifiers, args.format, args.out, paths, ensemble_temperature, args.quantize, args.tolerance,
+               args.force, models_dir)  # fmt: skip
+    except ExportCheckFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXPORT_FAILED_EXIT
+    return 0
+
+
+EXPORT_FAILED_EXIT = 1
 
 
 def render_command(args: argparse.Namespace) -> int:
@@ -183,6 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ray-workers", type=int, help="with --engine ray: actors running the model (features.ray)")
     predict.add_argument("--ray-gpus", type=float, help="with --engine ray: GPUs per worker (features.ray)")
     predict.set_defaults(func=predict_command)
+    exp = sub.add_parser(
+        "export",
+        help="export a trained backbone or the ensemble to SavedModel, TFLite or ONNX, checked by its runtime",
+        description="Export one model (uint8 images in, calibrated probabilities out) and check it against predict.",
+    )
+    exp.add_argument("--backbone", required=True, help="vgg16 | vgg19 | mobilenet | xception | ensemble")
+    exp.add_argument("--format", required=True, choices=["savedmodel", "tflite", "onnx"])
+    exp.add_argument("--out", required=True, help="folder to write (the model and imgclf_model.json)")
+    exp.add_argument("--quantize", default="none", help="tflite only: none | float16 | int8 (dynamic range)")
+    exp.add_argument(
+        "--tolerance",
+        type=float,
+        help="max |probability difference| from predict (default 1e-4; float16 1e-2; int8 0.1)",
+    )
+    exp.add_argument("--check-images", nargs="+", help="files/folders to check on (default: the test split)")
+    exp.add_argument("--models-dir", default="models", help="folder holding <backbone>/model.keras (default: models)")
+    exp.add_argument("--split-dir", default="data/split", help="where test.csv is (default: data/split)")
+    exp.add_argument("--params", default=PARAMS_DEFAULT, help="params file whose data.root holds the test images")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    exp.set_defaults(func=export_command)
     verify = sub.add_parser(
         "verify",
         help="is the workspace a reproduction of REV's committed results? identical / within noise / beyond",

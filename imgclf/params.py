@@ -34,6 +34,7 @@ TRAIN_KEYS: dict[str, Any] = {
     "dropout": "fraction",
     "noise_stddev": "nonnegfloat",
     "early_stopping": {"monitor": ("val_loss", "val_accuracy"), "patience": "nonnegint"},
+    "calibration": ("temperature", "none"),
 }
 SCHEMA: dict[str, Any] = {
     "base": {"seed": "nonnegint"},
@@ -76,7 +77,12 @@ SCHEMA: dict[str, Any] = {
     },
     "train": {**TRAIN_KEYS, "overrides": "overrides"},
     "fine_tune": {"layers": "nonnegint", "lr": "posfloat", "epochs": "posint", "batch_size": "posint"},
-    "evaluate": {"bootstrap": "posint", "confidence": "fraction", "attention_images_per_class": "posint"},
+    "evaluate": {
+        "bootstrap": "posint",
+        "confidence": "fraction",
+        "attention_images_per_class": "posint",
+        "calibration_bins": "posint",
+    },
     "cv": {"folds": "nonnegint", "repeats": "posint", "inner_val": "fraction"},
     "label_issues": {"show": "nonnegint", "exclude": "bool"},
 }

@@ -5,7 +5,9 @@
         --ensemble-record models/ensemble.json --out-dir plots/compare --cv-metrics metrics/cv
 
 The backbones are those in params.yaml (a folder left over from a removed backbone is ignored). The best
-model is picked on the validation split; the test split only reports how good the pick is.
+model is picked on the validation split; the test split only reports how good the pick is. The ensemble averages
+the backbones' calibrated probabilities; with train.calibration: temperature it gets its own temperature, fitted
+on the validation split's average and recorded in models/ensemble.json (predict and export apply it).
 """
 
 import argparse
@@ -16,6 +18,7 @@ import pandas as pd
 from imgclf.core.errors import UserError, log, stage_main
 from imgclf.core.io import read_json, write_csv, write_json, write_text
 from imgclf.params import load_params
+from imgclf.results.calibration import apply_temperature, fit_temperature
 from imgclf.results.compare import cv_columns, ensemble_probabilities, markdown_table, pick_best, summary_row
 from imgclf.results.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
 from imgclf.results.plots import comparison_plot
@@ -37,8 +40,16 @@ def main() -> None:
     missing = [bb for bb in backbones if not (args.plots_dir / bb / "report.json").is_file()]
     if missing:
         raise UserError(f"no evaluation for {', '.join(missing)}; run `dvc repro` (compare needs evaluate@<backbone>)")
-    val, _, val_probs = ensemble_probabilities([args.plots_dir / bb / "val_predictions.csv" for bb in backbones])
-    test, classes, probs = ensemble_probabilities([args.plots_dir / bb / "predictions.csv" for bb in backbones])
+    val, _, val_mean = ensemble_probabilities([args.plots_dir / bb / "val_predictions.csv" for bb in backbones])
+    test, classes, test_mean = ensemble_probabilities([args.plots_dir / bb / "predictions.csv" for bb in backbones])
+    # One backbone: the ensemble is that model, already calibrated (predict and export apply no second T).
+    temperature, status = 1.0, "not fitted: one backbone" if len(backbones) == 1 else "not fitted: train.calibration"
+    if params["train"]["calibration"] == "temperature" and len(backbones) > 1:
+        index = {c: i for i, c in enumerate(classes)}
+        temperature, status = fit_temperature(val_mean, val.actual.map(index).to_numpy())
+        if status != "fitted":
+            log.warning("compare: the ensemble's temperature %s; T = 1", status)
+    val_probs, probs = apply_temperature(val_mean, temperature), apply_temperature(test_mean, temperature)
     rows = []
     for bb in backbones:
         model = read_json(args.plots_dir / bb / "model.json")
@@ -58,14 +69,22 @@ def main() -> None:
         evaluate["bootstrap"],
         evaluate["confidence"],
         params["base"]["seed"],
-        validation=accuracy_and_loss(list(val.actual), val_probs, classes),
+        validation=accuracy_and_loss(list(val.actual), val_probs, classes)
+        | {"loss_uncalibrated": accuracy_and_loss(list(val.actual), val_mean, classes)["loss"]},
         groups=list(test.group) if "group" in test else None,
+        uncalibrated=test_mean,
+        temperature=temperature,
+        bins=evaluate["calibration_bins"],
+        before_label="members calibrated, averaged",
     )
     rows.append(summary_row("ensemble", ensemble, {}))
     summary = pd.DataFrame(rows)
     best = pick_best(summary)
 
-    write_json(args.ensemble_record, {"backbones": backbones, "classes": classes})
+    write_json(
+        args.ensemble_record,
+        {"backbones": backbones, "classes": classes, "temperature": temperature, "temperature_status": status},
+    )
     write_json(
         args.summary,
         {

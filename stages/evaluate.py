@@ -1,5 +1,6 @@
-"""evaluate@<backbone>: test-split metrics, predictions, classification report, confusion matrix, attention;
-and the validation split's predictions, on which compare picks the best model.
+"""evaluate@<backbone>: test-split metrics, predictions, classification report, confusion matrix, attention,
+calibration (ECE and Brier before and after the model's temperature, reliability diagram); and the validation
+split's predictions, on which compare picks the best model. Every probability written is calibrated.
 
     python -m stages.evaluate vgg16 --features data/features/vgg16 --split-dir data/split \
         --model-dir models/vgg16 --metrics metrics/backbones/vgg16.json --plot-dir plots/backbones/vgg16
@@ -32,6 +33,7 @@ def main() -> None:
     from imgclf.features.backbone_pass import load_or_stop
     from imgclf.features.store import FeatureBatches, FeatureStore
     from imgclf.head.model import attention_model, load_model
+    from imgclf.results.calibration import apply_temperature
     from imgclf.results.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
     from imgclf.results.plots import attention_overlay
     from imgclf.results.predict import Classifier
@@ -52,7 +54,7 @@ def main() -> None:
 
         def probabilities(frame: pd.DataFrame) -> np.ndarray:
             chunks = [frame.iloc[i : i + 512] for i in range(0, len(frame), 512)]
-            return np.concatenate([classifier.predict_features(features_of(c)) for c in chunks])
+            return np.concatenate([classifier.predict_features(features_of(c), calibrated=False) for c in chunks])
     else:
         # Cached features, read from disk batch by batch (FeatureBatches), in the frame's order.
         store = FeatureStore(args.features)
@@ -64,13 +66,16 @@ def main() -> None:
             batches = FeatureBatches([(store.array, store.rows(frame), np.zeros(len(frame)))], 256)
             return head.predict(batches, verbose=0)
 
-    probs = {name: probabilities(frame) for name, frame in splits.items()}
+    # The head's probabilities, then the temperature train@ fitted (info.json), as predict applies it.
+    temperature = float((info.get("calibration") or {}).get("temperature", 1.0))
+    raw = {name: probabilities(frame) for name, frame in splits.items()}
+    probs = {name: apply_temperature(p, temperature) for name, p in raw.items()}
     val, test = splits["val"], splits["test"]
     write_predictions(args.plot_dir / "val_predictions.csv", list(val.path), list(val.label), probs["val"], classes)
     # model.json (tracked in git) says where the numbers were computed: a reproduction on another CPU type is
     # judged against them statistically (`imgclf verify`), not byte for byte.
     keys = ("backbone", "classes", "image_size", "precision", "model_params", "head_params", "best_epoch", "fine_tune",
-            "platform")  # fmt: skip
+            "calibration", "platform")  # fmt: skip
     write_json(args.plot_dir / "model.json", {k: info.get(k) for k in keys})
     metrics = evaluate_and_write(
         args.backbone,
@@ -83,8 +88,13 @@ def main() -> None:
         params["evaluate"]["bootstrap"],
         params["evaluate"]["confidence"],
         seed,
-        validation=accuracy_and_loss(list(val.label), probs["val"], classes),
+        # The tracked val_loss is the calibrated one, which T was fitted to lower (in-sample); the head's own is kept.
+        validation=accuracy_and_loss(list(val.label), probs["val"], classes)
+        | {"loss_uncalibrated": accuracy_and_loss(list(val.label), raw["val"], classes)["loss"]},
         groups=list(test.group) if "group" in test else None,
+        uncalibrated=raw["test"],
+        temperature=temperature,
+        bins=params["evaluate"]["calibration_bins"],
     )
 
     per_class = params["evaluate"]["attention_images_per_class"]
@@ -99,13 +109,17 @@ def main() -> None:
             title=f"{args.backbone}: where the head attends (actual -> predicted)",
         )  # fmt: skip
     ci = metrics["ci"]
+    cal = metrics["calibration"]
     log.info(
-        "evaluate@%s: test accuracy %.4f [%.4f, %.4f], macro F1 %.4f, AUC %s",
+        "evaluate@%s: test accuracy %.4f [%.4f, %.4f], macro F1 %.4f, AUC %s, ECE %.4f -> %.4f (T = %g)",
         args.backbone,
         metrics["accuracy"],
         *ci["accuracy"],
         metrics["macro"]["f1"],
         metrics["roc_auc_ovr_macro"],
+        cal["ece_before"],
+        cal["ece_after"],
+        temperature,
     )
 
 

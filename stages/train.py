@@ -39,7 +39,8 @@ def main() -> None:
     from imgclf.features.extractor import backbone_of
     from imgclf.features.store import FeatureBatches, FeatureStore, VariantStore
     from imgclf.head.model import build_end_to_end, count_params
-    from imgclf.head.training import LiveLogger, build_head, fine_tune, fit_head, open_live
+    from imgclf.head.training import LiveLogger, build_head, fine_tune, fit_head, image_batches, open_live
+    from imgclf.results.calibration import fit_temperature, negative_log_likelihood
     from imgclf.results.plots import history_plot
 
     store = FeatureStore(args.features)
@@ -96,6 +97,32 @@ def main() -> None:
             )
             history = {k: history[k] + fine["history"][k] for k in history}
 
+    # Temperature scaling on the validation split, with the saved model's own probabilities (after fine-tuning,
+    # from images: its backbone changed). Recorded in info.json: predict, evaluate and export apply it.
+    if tp["calibration"] == "temperature":
+        if fine:
+            val_images = image_batches(val, params["data"]["root"], classes, image_size, tp["batch_size"], recipe)
+            val_probs = full.predict(val_images, verbose=0)
+        else:
+            val_probs = head.predict(val_batches, verbose=0)
+        temperature, status = fit_temperature(val_probs, y_val)
+        if status != "fitted":
+            log.warning("train@%s: temperature %s; T = 1 (probabilities as the head gives them)", backbone.name, status)
+        calibration = {
+            "method": "temperature",
+            "temperature": temperature,
+            "status": status,
+            "fitted_on": f"validation split ({len(y_val)} images)",
+            "val_log_loss_before": round(negative_log_likelihood(val_probs, y_val, 1.0), 6),
+            "val_log_loss_after": round(negative_log_likelihood(val_probs, y_val, temperature), 6),
+        }
+        log.info(
+            "train@%s: temperature %.4f fitted on the validation split (log loss %.4f -> %.4f)",
+            backbone.name, temperature, calibration["val_log_loss_before"], calibration["val_log_loss_after"],
+        )  # fmt: skip
+    else:
+        calibration = {"method": "none", "temperature": 1.0}
+
     # The saved model is the last phase's best epoch: fine-tuning's when it ran, else the head's.
     final = fine or result
     best = final["best_epoch"] - 1
@@ -119,6 +146,7 @@ def main() -> None:
         # Of the saved model (after fine-tuning when it ran), on the validation split.
         "best_val_accuracy": round(final["history"]["val_accuracy"][best], 6),
         "best_val_loss": round(final["history"]["val_loss"][best], 6),
+        "calibration": calibration,
         "head_params": count_params(head),
         "model_params": count_params(full),
         "train_params": tp,

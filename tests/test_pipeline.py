@@ -15,6 +15,7 @@ from helpers import dvc, run, update_params
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 
 from imgclf.core.io import read_csv
+from imgclf.results.calibration import brier_score, expected_calibration_error
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +41,16 @@ def test_repro_trains_and_records_every_backbone(trained: Path) -> None:
         assert (trained / f"models/{bb}/model.keras").is_file() and (trained / f"models/{bb}/head.keras").is_file()
         curve = pd.read_csv(trained / f"dvclive/train/{bb}/plots/metrics/val_accuracy.tsv", sep="\t")
         assert len(curve) == info["epochs_run"] and 1 <= info["best_epoch"] <= info["epochs_run"]
-        for png in ("history.png", "confusion.png", "attention.png"):
+        for png in ("history.png", "confusion.png", "attention.png", "reliability.png"):
             assert (trained / f"plots/backbones/{bb}/{png}").stat().st_size > 1000
+        # Calibrated on validation by default (train.calibration: temperature), recorded with the model.
+        calibration = info["calibration"]
+        assert calibration["method"] == "temperature" and 0.05 <= calibration["temperature"] <= 20
+        assert calibration["val_log_loss_after"] <= calibration["val_log_loss_before"]
+        # evaluate@ applied the very temperature train@ fitted: its validation losses are train's, before and after.
+        validation = read(trained, f"plots/backbones/{bb}/report.json")["validation"]
+        assert validation["loss_uncalibrated"] == pytest.approx(calibration["val_log_loss_before"], abs=1e-4)
+        assert validation["loss"] == pytest.approx(calibration["val_log_loss_after"], abs=1e-4)
     assert "Data and pipelines are up to date" in dvc(trained, "status").stdout
 
 
@@ -84,6 +93,7 @@ def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
         "macro_f1_high": metrics["ci"]["macro_f1"][1],
         "roc_auc": metrics["roc_auc_ovr_macro"],
         "loss": metrics["loss"],
+        "ece": metrics["calibration"]["ece_after"],
     }
     predictions = read_csv(trained / folder / "predictions.csv")
     test = read_csv(trained / "data/split/test.csv")
@@ -106,6 +116,12 @@ def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
     index = {c: i for i, c in enumerate(classes)}
     auc = roc_auc_score(predictions.actual.map(index), probs / probs.sum(axis=1, keepdims=True), multi_class="ovr")
     assert metrics["roc_auc_ovr_macro"] == pytest.approx(auc, abs=1e-6)
+    # The tracked ECE is that of the written (calibrated) probabilities; the reliability table covers every image.
+    y = predictions.actual.map(index).to_numpy()
+    assert metrics["calibration"]["ece_after"] == pytest.approx(expected_calibration_error(probs, y, 15), abs=1e-6)
+    assert metrics["calibration"]["brier_after"] == pytest.approx(brier_score(probs, y), abs=1e-6)
+    reliability = read_csv(trained / folder / "reliability.csv")
+    assert reliability.images.sum() == len(predictions)
 
 
 def test_summary_has_every_backbone_and_the_ensemble_and_picks_the_best_on_validation(trained: Path) -> None:
@@ -122,14 +138,19 @@ def test_summary_has_every_backbone_and_the_ensemble_and_picks_the_best_on_valid
 
 
 def test_predict_reproduces_evaluate(trained: Path, tmp_path: Path) -> None:
+    """predict's probabilities are the calibrated test predictions, for each backbone and the ensemble."""
     test = read_csv(trained / "data/split/test.csv")
     inputs = [str(Path("images") / p) for p in test.path]
     pred = tmp_path / "pred.csv"  # not in the shared project: its git tree must stay clean for other tests
-    for bb in BACKBONES:
+    # The check means something only if calibration changed the probabilities.
+    temperatures = [read(trained, f"models/{bb}/info.json")["calibration"]["temperature"] for bb in BACKBONES]
+    assert any(abs(t - 1) > 0.05 for t in [*temperatures, read(trained, "models/ensemble.json")["temperature"]])
+    for bb in [*BACKBONES, "ensemble"]:
         out = run([sys.executable, "-m", "imgclf", "predict", "--backbone", bb, "--out", str(pred), *inputs], trained)
         assert f"{len(test)} of {len(test)} images classified" in out.stderr
         predicted = read_csv(pred)
-        evaluated = read_csv(trained / f"plots/backbones/{bb}/predictions.csv")
+        folder = "plots/ensemble" if bb == "ensemble" else f"plots/backbones/{bb}"
+        evaluated = read_csv(trained / folder / "predictions.csv")
         assert list(predicted.predicted) == list(evaluated.predicted)
         columns = [c for c in evaluated.columns if c.startswith("p_")]
         np.testing.assert_allclose(predicted[columns].to_numpy(), evaluated[columns].to_numpy(), atol=2e-6)

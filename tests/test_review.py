@@ -44,7 +44,7 @@ def test_plots_page_draws_every_chart_and_picture_offline_in_chromium(trained: P
     )
     dom = browser.stdout
     assert browser.returncode == 0 and "<html" in dom, browser.stderr[-3000:]
-    charts = ["val_accuracy", "val_loss", "confusion", "comparison", "plots_eda_class_counts_csv"]
+    charts = ["val_accuracy", "val_loss", "confusion", "reliability", "comparison", "plots_eda_class_counts_csv"]
     for chart in charts:  # vega-embed replaced each div's script with a drawn chart, inside that div
         assert f'<div id="{chart}"' in dom, f"no {chart} on the page"
         start = dom.index(f'<div id="{chart}"')
@@ -52,16 +52,19 @@ def test_plots_page_draws_every_chart_and_picture_offline_in_chromium(trained: P
         assert 'role="graphics-document"' in dom[start : end if end > 0 else None], f"{chart} did not draw"
     images = re.findall(r'<img src="static/[^>]*>', dom)  # the pictures (the inlined script mentions <img> too)
     expected = [
-        f"plots_backbones_{bb}_{name}_png" for bb in ("vgg16", "mobilenet") for name in ("confusion", "attention")
+        f"plots_backbones_{bb}_{name}_png"
+        for bb in ("vgg16", "mobilenet")
+        for name in ("confusion", "attention", "reliability")
     ]
-    for plot_id in [*expected, "plots_eda_samples_png", "plots_ensemble_confusion_png", "plots_compare_comparison_png"]:
+    pictures = ["plots_eda_samples_png", "plots_ensemble_confusion_png", "plots_ensemble_reliability_png"]
+    for plot_id in [*expected, *pictures, "plots_compare_comparison_png"]:
         assert f'<div id="{plot_id}"' in dom
     assert len(images) >= 10 and all('data-loaded="yes"' in tag for tag in images), images
 
 
 def test_charts_render_to_png_offline(trained: Path, tmp_path: Path) -> None:
     result = run([sys.executable, "-m", "imgclf", "render-plots", "--out", str(tmp_path)], trained)
-    for name in ("val_accuracy", "val_loss", "confusion", "comparison"):
+    for name in ("val_accuracy", "val_loss", "confusion", "reliability", "comparison"):
         data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "charts written" in result.stderr
@@ -75,12 +78,12 @@ def test_tracked_metrics_are_the_headline_numbers(trained: Path) -> None:
     header = dvc(trained, "exp", "show", "--csv", "--drop", "^(?!Experiment$|.*metrics/).*$").stdout.splitlines()[0]
     columns = set(header.split(","))
     headline = ["val_accuracy", "val_loss", "accuracy", "accuracy_low", "accuracy_high", "macro_f1", "macro_f1_low",
-                "macro_f1_high", "roc_auc", "loss"]  # fmt: skip
+                "macro_f1_high", "roc_auc", "loss", "ece"]  # fmt: skip
     files = ["metrics/backbones/vgg16.json", "metrics/backbones/mobilenet.json", "metrics/ensemble.json"]
     assert {f"{f}:{k}" for f in files for k in headline} <= columns, sorted(columns)
     assert not {c for c in columns if "per_class" in c or "weighted" in c or "ci." in c}
     cv = {c for c in columns if c.startswith("metrics/cv")}  # cross-validation: off here, so its fold count only
     assert cv == {"metrics/cv/vgg16.json:folds", "metrics/cv/mobilenet.json:folds"} | ({"metrics/cv"} & cv), cv
-    assert len(columns - cv) == 1 + 3 * 10, sorted(columns)  # Experiment and 10 per model, nothing else
+    assert len(columns - cv) == 1 + 3 * 11, sorted(columns)  # Experiment and 11 per model, nothing else
     for f in files:  # validation first: what a winner is chosen on is what a reviewer reads first
         assert list(json.loads((trained / f).read_text()))[:2] == ["val_accuracy", "val_loss"]

@@ -174,6 +174,22 @@ class ImageBatches(keras.utils.PyDataset):
             self.order = self.rng.permutation(len(self.paths))
 
 
+def image_batches(
+    frame: pd.DataFrame,
+    root: str | Path,
+    classes: list[str],
+    image_size: int,
+    batch_size: int,
+    recipe: ImageRecipe = DEFAULT_RECIPE,
+    shuffle_seed: int | None = None,
+    augment: AugmentParams | None = None,
+) -> ImageBatches:
+    """The images of a split's rows (path under `root`, label), as batches for an end-to-end model."""
+    index = {c: i for i, c in enumerate(classes)}
+    paths = [Path(root) / p for p in frame.path]
+    return ImageBatches(paths, frame.label.map(index).to_numpy(), image_size, batch_size, shuffle_seed, recipe, augment)
+
+
 def unfreeze_top(backbone: keras.Model, layers: int) -> list[str]:
     """Make the top `layers` layers of the backbone trainable; BatchNormalization layers stay frozen
     (and, since the backbone is called with training=False, in inference mode). Returns their names."""
@@ -209,12 +225,9 @@ def fine_tune(
 
     unfrozen = unfreeze_top(backbone, params["layers"])
     compile_model(full, params["lr"], loss_scale=model_precision(backbone) == "float16")
-    index = {c: i for i, c in enumerate(classes)}
 
     def data(frame: pd.DataFrame, shuffle_seed: int | None, live: AugmentParams | None) -> ImageBatches:
-        paths = [Path(root) / p for p in frame.path]
-        labels = frame.label.map(index).to_numpy()
-        return ImageBatches(paths, labels, image_size, params["batch_size"], shuffle_seed, recipe, live)
+        return image_batches(frame, root, classes, image_size, params["batch_size"], recipe, shuffle_seed, live)
 
     stopper = best_epoch_keeper(params["early_stopping"])
     start = time.perf_counter()

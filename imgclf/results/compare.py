@@ -72,11 +72,12 @@ def markdown_table(summary: pd.DataFrame, level: float) -> str:
     cv_header = " CV accuracy (mean ± sd, folds x repeats) | CV macro F1 (mean ± sd) |" if with_cv else ""
     lines = [
         f"| model | val accuracy | test accuracy [{pct} CI] | test macro F1 [{pct} CI] |{cv_header} ROC AUC (OvR "
-        "macro) | parameters (trainable) |",
-        "|---|---|---|---|" + ("---|---|" if with_cv else "") + "---|---|",
+        "macro) | ECE (calibrated) | parameters (trainable) |",
+        "|---|---|---|---|" + ("---|---|" if with_cv else "") + "---|---|---|",
     ]
     for row in summary.itertuples():
         auc = "n/a" if row.roc_auc is None or pd.isna(row.roc_auc) else f"{row.roc_auc:.4f}"
+        ece = "n/a" if "ece" not in summary or pd.isna(row.ece) else f"{row.ece:.4f}"
         params = "" if pd.isna(row.params_total) else f"{int(row.params_total):,} ({int(row.params_trainable):,})"
         cv = ""
         if with_cv:
@@ -89,6 +90,6 @@ def markdown_table(summary: pd.DataFrame, level: float) -> str:
         lines.append(
             f"| {row.model} | {row.val_accuracy:.4f} | {row.accuracy:.4f} [{row.accuracy_low:.4f}, "
             f"{row.accuracy_high:.4f}] | {row.macro_f1:.4f} [{row.macro_f1_low:.4f}, {row.macro_f1_high:.4f}] "
-            f"|{cv} {auc} | {params} |"
+            f"|{cv} {auc} | {ece} | {params} |"
         )
     return "\n".join(lines) + "\n"

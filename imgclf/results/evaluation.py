@@ -21,6 +21,7 @@ from sklearn.metrics import (
 )
 
 from imgclf.core.io import read_csv, write_csv, write_json, write_text
+from imgclf.results.calibration import calibration_report, reliability_table
 from imgclf.results.significance import bootstrap_interval
 
 DIGITS = 6  # metrics are rounded so that diffs stay readable; far below any meaningful difference
@@ -115,10 +116,12 @@ def compute_metrics(
 
 
 def headline(metrics: dict[str, Any], validation: dict[str, float]) -> dict[str, Any]:
-    """The numbers tracked as DVC metrics, ten per model, so that `dvc exp show` and `dvc metrics diff` stay
+    """The numbers tracked as DVC metrics, eleven per model, so that `dvc exp show` and `dvc metrics diff` stay
     readable: validation accuracy and loss first (what a winner is chosen on), then the test numbers (what the
-    chosen model is reported with): accuracy and macro F1 with their bootstrap interval, ROC AUC, log loss.
-    Everything else (per class, weighted, macro precision and recall, the interval's level) is in report.json."""
+    chosen model is reported with): accuracy and macro F1 with their bootstrap interval, ROC AUC, log loss, and
+    the expected calibration error of the probabilities it writes (after calibration). Everything else (per
+    class, weighted, macro precision and recall, the interval's level, ECE and Brier before calibration) is in
+    report.json."""
     ci = metrics["ci"]
     return {
         "val_accuracy": validation["accuracy"],
@@ -131,6 +134,7 @@ def headline(metrics: dict[str, Any], validation: dict[str, float]) -> dict[str,
         "macro_f1_high": ci["macro_f1"][1],
         "roc_auc": metrics["roc_auc_ovr_macro"],
         "loss": metrics["loss"],
+        "ece": metrics["calibration"]["ece_after"] if "calibration" in metrics else None,
     }
 
 
@@ -147,14 +151,25 @@ def evaluate_and_write(
     seed: int,
     validation: dict[str, float],
     groups: list[str] | None = None,
+    uncalibrated: np.ndarray | None = None,
+    temperature: float = 1.0,
+    bins: int = 15,
+    before_label: str = "before",
 ) -> dict[str, Any]:
     """Write the headline metrics JSON (a DVC metric: `validation`'s accuracy and loss, then the test numbers),
-    and in plot_dir report.json (every number), predictions.csv, classification_report.txt and confusion.png
-    for one model. Returns every number."""
-    from imgclf.results.plots import confusion_heatmap
+    and in plot_dir report.json (every number), predictions.csv, classification_report.txt, confusion.png,
+    reliability.csv (the calibrated test probabilities' reliability diagram, a DVC plot) and reliability.png
+    (before and after) for one model. `probs` are the model's calibrated probabilities, `uncalibrated` the
+    same before its `temperature` (None: no calibration, T = 1), `before_label` their name in the diagram.
+    Returns every number."""
+    from imgclf.results.plots import confusion_heatmap, reliability_diagram
 
     plot_dir = Path(plot_dir)
     metrics = compute_metrics(actual, probs, classes, n_bootstrap, confidence, seed, groups)
+    index = {c: i for i, c in enumerate(classes)}
+    y_true = np.array([index[a] for a in actual], dtype=int)
+    before = probs if uncalibrated is None else uncalibrated
+    metrics["calibration"] = calibration_report(before, probs, y_true, temperature, bins)
     metrics["validation"] = validation
     write_json(metrics_path, headline(metrics, validation), sort_keys=False)
     write_json(plot_dir / "report.json", metrics)
@@ -163,6 +178,16 @@ def evaluate_and_write(
     write_text(plot_dir / "classification_report.txt", f"{name} on the test split ({len(actual)} images)\n\n{report}")
     matrix = confusion_matrix(actual, predictions.predicted, labels=classes)
     confusion_heatmap(matrix, classes, plot_dir / "confusion.png", title=name)
+    after = reliability_table(probs, y_true, bins)
+    write_csv(pd.DataFrame(after, columns=["bin_low", "bin_high", "images", "confidence", "accuracy"]),
+              plot_dir / "reliability.csv")  # fmt: skip
+    cal = metrics["calibration"]
+    reliability_diagram(
+        {before_label: reliability_table(before, y_true, bins), f"after (T = {temperature:g})": after},
+        plot_dir / "reliability.png",
+        title=f"{name}: reliability on the test split",
+        ece={before_label: cal["ece_before"], f"after (T = {temperature:g})": cal["ece_after"]},
+    )
     return metrics
 
 

@@ -160,3 +160,26 @@ def comparison_plot(summary: pd.DataFrame, path: str | Path) -> None:
         ax.set(xlim=(0, 1), title=f"test {metric} (with interval)", xlabel=metric)
         ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)
+
+
+def reliability_diagram(
+    curves: dict[str, list[dict[str, Any]]], path: str | Path, title: str, ece: dict[str, float] | None = None
+) -> None:
+    """Accuracy against mean confidence per bin (calibration.reliability_table), one line per curve (e.g.
+    before and after calibration, or one per model), the diagonal where a calibrated model lies; each point's
+    size follows its bin's image count."""
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for (name, rows), color in zip(curves.items(), sns.color_palette("viridis", len(curves)), strict=True):
+        if not rows:
+            continue
+        frame = pd.DataFrame(rows)
+        label = f"{name} (ECE {ece[name]:.3f})" if ece and name in ece else name
+        ax.plot(frame.confidence, frame.accuracy, color=color, marker=None, linewidth=1.5, label=label)
+        sizes = 20 + 180 * frame.images / max(1, frame.images.max())
+        ax.scatter(frame.confidence, frame.accuracy, s=sizes, color=color, alpha=0.8, edgecolor="white")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-label probability, bin mean)", ylabel="accuracy in bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, path)

@@ -1,8 +1,10 @@
 """Classify new images with trained models, with exactly the preprocessing used in training.
 
 A `Classifier` is one trained backbone (models/<bb>/model.keras): the same extractor that made the
-training features, then the head. Images go through the shared `load_image` in batches, so memory
-stays flat for large folders; a file that cannot be read gets an error row and does not stop the rest.
+training features, then the head, then the temperature train@ fitted (info.json; results/calibration.py).
+Images go through the shared `load_image` in batches, so memory stays flat for large folders; a file that
+cannot be read gets an error row and does not stop the rest. The ensemble averages its members' calibrated
+probabilities, then applies its own temperature (compare's record, models/ensemble.json).
 """
 
 from __future__ import annotations
@@ -19,21 +21,32 @@ from imgclf.core.errors import UserError
 from imgclf.core.io import read_json
 from imgclf.core.logs import Progress
 from imgclf.data.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, load_image, try_load_image
+from imgclf.results.calibration import apply_temperature
 from imgclf.results.evaluation import format_probability, probability_columns
 
 MODEL_FILE = "model.keras"
 ENSEMBLE_FILE = "ensemble.json"  # written by compare: the backbones of the pipeline's ensemble
 
 
-def ensemble_backbones(models_dir: str | Path) -> list[str]:
-    """The backbones the pipeline put in its ensemble (compare's record), never whatever folders exist."""
+def ensemble_record(models_dir: str | Path) -> dict[str, Any]:
+    """compare's record of the pipeline's ensemble: its backbones (never whatever folders exist), classes and
+    temperature."""
     record = Path(models_dir) / ENSEMBLE_FILE
     if not record.is_file():
         raise UserError(
             f"no ensemble record {record}; run `dvc repro` (compare writes it), or pass --models-dir pointing at "
             "the folder that holds it"
         )
-    return list(read_json(record)["backbones"])
+    return read_json(record)
+
+
+def soft_vote(calibrated: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
+    """The ensemble's probabilities: the members' calibrated probabilities (each renormalised) averaged, then
+    the ensemble's own temperature, as compare computes them from the members' predictions.csv: the members are
+    rounded to the 8 decimals those files hold first, so that a temperature cannot magnify the difference."""
+    rows = [np.round(np.asarray(p, dtype=np.float64), 8) for p in calibrated]
+    mean = np.mean([p / p.sum(axis=1, keepdims=True) for p in rows], axis=0)
+    return apply_temperature(mean / mean.sum(axis=1, keepdims=True), temperature)
 
 
 @dataclass
@@ -66,6 +79,11 @@ class Classifier:
         return ImageRecipe.from_params(recorded) if recorded else DEFAULT_RECIPE
 
     @property
+    def temperature(self) -> float:
+        """The temperature train@ fitted on the validation split (1.0: not calibrated, or trained before)."""
+        return float((self.info.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
     def classes(self) -> list[str]:
         return list(self.info["classes"])
 
@@ -80,13 +98,19 @@ class Classifier:
         parts = iter_features(self.extractor, paths, self.image_size, batch_size, self.recipe, desc=self.name)
         return np.concatenate(list(parts))
 
-    def predict_features(self, features: np.ndarray) -> np.ndarray:
-        return self.head.predict(features, batch_size=256, verbose=0)  # (N, K)
+    def predict_features(self, features: np.ndarray, *, calibrated: bool) -> np.ndarray:
+        """Class probabilities (N, K) float64 of feature maps; `calibrated`: with the model's temperature."""
+        probs = self.head.predict(features, batch_size=256, verbose=0)
+        return self.calibrate(probs) if calibrated else np.asarray(probs, dtype=np.float64)
 
     def predict_images(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities (B, K) of one batch of decoded images (B, S, S, 3) float32 0..255."""
+        """Calibrated class probabilities (B, K) of one batch of decoded images (B, S, S, 3) float32 0..255."""
         features = np.asarray(self.extractor.predict_on_batch(batch), dtype=np.float32)
-        return np.asarray(self.head.predict_on_batch(features), dtype=np.float64)
+        return self.calibrate(self.head.predict_on_batch(features))
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """The head's probabilities with this model's temperature applied (float64)."""
+        return apply_temperature(np.asarray(probs, dtype=np.float64), self.temperature)
 
 
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
@@ -148,11 +172,14 @@ def table_rows(paths: list[Path], probs: dict[Path, np.ndarray], errors: dict[Pa
     return rows
 
 
-def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int = 32) -> pd.DataFrame:
+def classify(
+    classifiers: list[Classifier], paths: list[Path], batch_size: int = 32, ensemble_temperature: float = 1.0
+) -> pd.DataFrame:
     """CSV-ready predictions: path, predicted, one probability per class, error. With several classifiers,
-    their probabilities are averaged (soft voting). Each image is decoded once per batch (per input size, which
-    the classifiers of one pipeline share) and every classifier runs on that batch: memory stays one batch, and
-    a file that cannot be read (or stops being readable) becomes an error row, never a stop."""
+    their calibrated probabilities are averaged (soft voting), then `ensemble_temperature` is applied. Each image
+    is decoded once per batch (per input size, which the classifiers of one pipeline share) and every classifier
+    runs on that batch: memory stays one batch, and a file that cannot be read (or stops being readable) becomes
+    an error row, never a stop."""
     if batch_size < 1:
         raise UserError(f"--batch-size={batch_size} must be a positive number of images per forward pass")
     classes = check_compatible(classifiers)
@@ -163,7 +190,7 @@ def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int =
     with Progress(len(paths), "predict") as bar:
         for start in range(0, len(paths), batch_size):
             part = paths[start : start + batch_size]
-            total = np.zeros((len(part), len(classes)))
+            members = {c.name: np.full((len(part), len(classes)), 1.0 / len(classes)) for c in classifiers}
             for size in sizes:
                 loaded = [try_load_image(p, size, recipe) for p in part]
                 errors.update({p: reason for p, (_, reason) in zip(part, loaded, strict=True) if reason})
@@ -171,8 +198,10 @@ def classify(classifiers: list[Classifier], paths: list[Path], batch_size: int =
                 if good:
                     batch = np.stack([loaded[i][0] for i in good])  # (B, S, S, 3)
                     for clf in (c for c in classifiers if c.image_size == size):
-                        total[good] += clf.predict_images(batch)
-            probs.update({p: total[i] / len(classifiers) for i, p in enumerate(part) if p not in errors})
+                        members[clf.name][good] = clf.predict_images(batch)
+            vote = list(members.values())
+            total = vote[0] if len(vote) == 1 else soft_vote(vote, ensemble_temperature)
+            probs.update({p: total[i] for i, p in enumerate(part) if p not in errors})
             bar.update(len(part))
     rows = table_rows(paths, probs, errors, classes)
     return pd.DataFrame(rows, columns=["path", "predicted", *probability_columns(classes), "error"])
