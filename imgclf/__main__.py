@@ -2,7 +2,8 @@
 `imgclf ...`).
 
 Exit codes: 0 success (every image classified; exported and checked; reproduced; diff printed); 1 `verify` found
-a model that differs beyond noise, or an export disagrees with predict beyond its tolerance (it is not written);
+a model that differs beyond noise, or an export disagrees with predict beyond its tolerance or its runtime cannot
+run it (it is not written);
 3 some images could not be read (they get a row with the error and no label); 2 a usage problem (no such model,
 unknown backbone or revision, no input, test sets that cannot be paired).
 """

@@ -239,14 +239,19 @@ def check_options(fmt: str, quantization: str, tolerance: float | None) -> float
 def check_out_dir(out_dir: str | Path, models_dir: str | Path, force: bool) -> Path:
     """The folder an export may be written to. Never one that holds anything but a previous export: --force
     replaces an empty folder or an earlier export (with its RECORD), nothing else (not the project, not the
-    models, not a parent of the working directory)."""
+    models, not a parent of the working directory). Not inside the models folder either (a DVC output: DVC would
+    see it modified, and `dvc checkout` would delete the export), and not a symbolic link (it is replaced)."""
     out = Path(out_dir)
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link; give a plain folder path (the export replaces the folder)")
     resolved = out.resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the export (it holds the model and {RECORD})")
     here, models = Path.cwd().resolve(), Path(models_dir).resolve()
     if resolved in (here, models) or resolved in here.parents or resolved in models.parents:
         raise UserError(f"--out {out} holds this project or its models; give a new folder, e.g. exports/<name>")
+    if models in resolved.parents:
+        raise UserError(f"--out {out} is inside {models_dir}, which DVC manages; give a folder outside it (exports/)")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UserError(f"--out {out} exists and is not empty; choose a new folder, or pass --force to replace it")
@@ -292,10 +297,21 @@ def export(
             write_model(model, fmt, target, quantization)
         except Exception as exc:  # a converter's failure, in one line: the layer it could not handle is in it
             message = " ".join(str(exc).split())[:400]
-            raise UserError(f"converting {name} to {fmt} failed: {type(exc).__name__}: {message}") from None
+            raise ExportCheckFailed(
+                f"converting {name} to {fmt} failed ({type(exc).__name__}: {message}); nothing was written to {out_dir}"
+            ) from None
         seconds = time.perf_counter() - start
-        runtime, run = runtime_of(fmt, target)
-        check = check_export(run, classifiers, check_paths, ensemble_temperature, tolerance)
+        try:
+            runtime, run = runtime_of(fmt, target)
+            check = check_export(run, classifiers, check_paths, ensemble_temperature, tolerance)
+        except UserError:
+            raise
+        except Exception as exc:  # the runtime cannot load or run what the converter wrote: the export fails
+            message = " ".join(str(exc).split())[:400]
+            raise ExportCheckFailed(
+                f"the {fmt} runtime cannot run the export of {name} ({type(exc).__name__}: {message}); it was not "
+                f"written to {out_dir}"
+            ) from None
         if check.images == 0:
             raise UserError(
                 f"none of the {len(check_paths)} check images could be read (see predict's error column); "
@@ -317,7 +333,8 @@ def export(
 
 
 class ExportCheckFailed(UserError):
-    """The exported model disagrees with predict beyond the tolerance (exit 1, like verify's 'beyond')."""
+    """The export failed, and nothing was written: the converter could not convert the model, its runtime cannot
+    run the result, or the result disagrees with predict beyond the tolerance (exit 1, like verify's 'beyond')."""
 
 
 def export_record(
@@ -359,8 +376,9 @@ def export_record(
             "dtype": "uint8",
             "shape": [None, size, size, 3],
             "layout": "NHWC, RGB, 0..255",
-            "how": "decode and resize as image_recipe says (imgclf.data.images.load_image: EXIF orientation, "
-            "transparency onto background, high bit depth windowed, squashed to size x size, bilinear)",
+            "how": "decode and resize as image_recipe says (imgclf.data.images.load_image: with jpeg_scaling, a "
+            "JPEG at least twice the size decoded at reduced scale (Pillow's draft); EXIF orientation, transparency "
+            "onto background, high bit depth windowed, squashed to size x size, bilinear)",
         },
         "output": {"shape": [None, len(first.classes)], "meaning": "calibrated class probabilities, in classes order"},
         "image_size": size,
