@@ -22,23 +22,27 @@ SOME_FAILED_EXIT = 3
 PARAMS_DEFAULT = "params.yaml"
 
 
-def predict_command(args: argparse.Namespace) -> int:
+def chosen_models(backbone: str, models_dir: Path) -> tuple[list[str], float]:
+    """--backbone's models and the temperature applied after their average: one backbone (no ensemble
+    temperature), or the ensemble compare recorded (its backbones and temperature), never whatever folders exist."""
     from imgclf.features.backbones import BACKBONES
     from imgclf.results.predict import ensemble_record
 
+    if backbone == "ensemble":
+        record = ensemble_record(models_dir)
+        return list(record["backbones"]), float(record.get("temperature", 1.0))
+    if backbone in BACKBONES:
+        return [backbone], 1.0
+    raise UserError(
+        f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
+    )
+
+
+def predict_command(args: argparse.Namespace) -> int:
     models_dir = Path(args.models_dir)
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
-    ensemble_temperature = 1.0
-    if args.backbone == "ensemble":
-        record = ensemble_record(models_dir)
-        names, ensemble_temperature = list(record["backbones"]), float(record.get("temperature", 1.0))
-    elif args.backbone in BACKBONES:
-        names = [args.backbone]
-    else:
-        raise UserError(
-            f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
-        )
+    names, ensemble_temperature = chosen_models(args.backbone, models_dir)
     ray_options = ray_settings(args) if args.engine == "ray" else {}
     import os
 
@@ -115,18 +119,10 @@ def ray_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from imgclf.features.backbones import BACKBONES
-    from imgclf.results.predict import ensemble_record, find_images
+    from imgclf.results.predict import find_images
 
     models_dir = Path(args.models_dir)
-    ensemble_temperature = 1.0
-    if args.backbone == "ensemble":
-        record = ensemble_record(models_dir)
-        names, ensemble_temperature = list(record["backbones"]), float(record.get("temperature", 1.0))
-    elif args.backbone in BACKBONES:
-        names = [args.backbone]
-    else:
-        raise UserError(f"unknown backbone {args.backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble")
+    names, ensemble_temperature = chosen_models(args.backbone, models_dir)
     from imgclf.deploy.export import check_options, check_out_dir
 
     # One line for a bad option or folder before any model loads (the runtime checks import TensorFlow: last).
