@@ -15,12 +15,16 @@ from typing import Any
 import yaml
 
 from imgclf.core.errors import UserError
+from imgclf.data.dicom import DICOM_WINDOWS, FRAME_CHOICES
 from imgclf.data.images import HIGH_BIT_DEPTH_RULES
 from imgclf.features.backbones import BACKBONES, resolve_weights_path
 
 PILLOW_HARD_LIMIT = 2 * 89_478_485  # Pillow refuses images above twice its default MAX_IMAGE_PIXELS
 WEIGHTS_DIR = "weights"  # the project folder that holds weights files; features@ depends on it (dvc.yaml)
 PRECISIONS = ("float32", "bfloat16", "float16")  # features.precision; what each means: features/device.py
+# data.groups (imgclf/data/subjects.py; prepare checks the pattern and the table's place before it scans).
+GROUP_RULES = ("none", "dicom", "pattern", "csv")
+UNKEYED_RULES = ("stop", "own_group")
 
 # The shape of params.yaml: a type, a tuple of allowed strings, or a nested section.
 TRAIN_KEYS: dict[str, Any] = {
@@ -51,6 +55,16 @@ SCHEMA: dict[str, Any] = {
         "label_conflicts": ("skip", "majority"),
         "near_duplicates": ("group", "report", "off"),
         "near_duplicate_distance": "nonnegint",
+        "dicom_window": DICOM_WINDOWS,
+        "dicom_frame": "frame",
+        "groups": {
+            "by": GROUP_RULES,
+            "dicom_tag": "dicom_tag",
+            "pattern": "optstr",
+            "csv": "optstr",
+            "unkeyed": UNKEYED_RULES,
+        },
+        "show_images": "bool",
     },
     "eda": {"samples_per_class": "posint"},
     "split": {"val": "fraction", "test": "fraction"},
@@ -162,6 +176,20 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise UserError(f"{name}={value!r} must be a non-empty string")
         return value
+    if rule == "optstr":
+        if value is not None and (not isinstance(value, str) or not value):
+            raise UserError(f"{name}={value!r} must be null or a non-empty string")
+        return value
+    if rule == "frame":
+        if value in FRAME_CHOICES or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise UserError(
+            f"{name}={value!r} must be one of {', '.join(FRAME_CHOICES)} or a 0-based frame number (0, 1, ...)"
+        )
+    if rule == "dicom_tag":  # a known keyword is checked only with data.groups.by: dicom (_check_cross)
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{name}={value!r} must be a DICOM attribute keyword such as PatientID")
+        return value
     if rule == "bool":
         if not isinstance(value, bool):
             raise UserError(f"{name}={value!r} must be true or false")
@@ -241,6 +269,20 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
     raise AssertionError(f"unhandled rule {rule!r}")
 
 
+def _check_dicom_tag(name: str, value: str) -> None:
+    try:
+        from pydicom.datadict import tag_for_keyword
+    except ImportError:
+        raise UserError(
+            "data.groups.by=dicom needs pydicom; install the requirements (pip install -r requirements.txt)"
+        ) from None
+    if tag_for_keyword(value) is None:
+        raise UserError(
+            f"{name}={value!r} is not a DICOM attribute keyword; use one such as PatientID, OtherPatientIDs or "
+            "StudyInstanceUID (the keyword, not the tag number)"
+        )
+
+
 def _check_partial(name: str, value: Any, rule: Any) -> Any:
     """An override: like the full schema, but a section may give only some of its keys."""
     if not isinstance(rule, dict):
@@ -299,6 +341,18 @@ def _check_cross(params: dict[str, Any]) -> None:
         raise UserError(
             "data.high_bit_depth=bit_depth scales every image by the dataset's bit depth: set data.bits_stored to "
             "it (e.g. 12 for a 12-bit CT or MRI series; DICOM's BitsStored), or use high_bit_depth: window"
+        )
+    groups = data["groups"]
+    if groups["by"] == "dicom":
+        _check_dicom_tag("data.groups.dicom_tag", groups["dicom_tag"])
+    if groups["by"] == "pattern" and groups["pattern"] is None:
+        raise UserError(
+            r"data.groups.by=pattern needs data.groups.pattern, a regular expression whose first group is the "
+            r"subject, e.g. 'person(\d+)_'"
+        )
+    if groups["by"] == "csv" and groups["csv"] is None:
+        raise UserError(
+            "data.groups.by=csv needs data.groups.csv, a table path,group inside data.root (e.g. groups.csv)"
         )
     if data["max_pixels"] > PILLOW_HARD_LIMIT:
         raise UserError(

@@ -14,7 +14,7 @@ from imgclf.data.augment import AugmentParams, augment_preview
 from imgclf.data.images import ImageRecipe
 from imgclf.data.scan import class_counts
 from imgclf.params import load_params
-from imgclf.results.plots import class_count_plot, class_pie_chart, sample_grid
+from imgclf.results.plots import class_count_plot, class_pie_chart, sample_grid, withheld_picture
 
 
 @stage_main
@@ -31,6 +31,10 @@ def main() -> None:
     write_csv(pd.DataFrame({"label": list(counts), "count": list(counts.values())}), args.out_dir / "class_counts.csv")
     class_count_plot(counts, args.out_dir / "class_counts.png")
     class_pie_chart(counts, args.out_dir / "class_pie.png")
+    if not params["data"]["show_images"]:  # patient data: the charts stay, no image's pixels are drawn
+        withheld_picture(args.out_dir / "samples.png", "Sample images per class")
+        withheld_picture(args.out_dir / "augmented.png", "Augmentation preview")
+        return
     sample_grid(
         kept,
         params["data"]["root"],

@@ -101,12 +101,18 @@ def main() -> None:
     if per_class:
         chosen = [i for c in classes for i in np.flatnonzero(test.label.to_numpy() == c)[:per_class]]
         maps = attention_model(head).predict(features_of(test.iloc[chosen]), verbose=0)  # (n, h, w)
-        images = [load_or_stop(root / test.path[i], info["image_size"], recipe) for i in chosen]
+        show = params["data"]["show_images"]
+        images = [
+            load_or_stop(root / test.path[i], info["image_size"], recipe)
+            if show
+            else np.zeros((info["image_size"], info["image_size"], 3), np.float32)
+            for i in chosen
+        ]
         predicted = np.asarray(classes)[probs["test"][chosen].argmax(axis=1)]
         titles = [f"{test.label[i]} -> {p}" for i, p in zip(chosen, predicted, strict=True)]
         attention_overlay(
             images, maps, titles, rows=len(classes), path=args.plot_dir / "attention.png",
-            title=f"{args.backbone}: where the head attends (actual -> predicted)",
+            title=f"{args.backbone}: where the head attends (actual -> predicted)", show_images=show,
         )  # fmt: skip
     ci = metrics["ci"]
     cal = metrics["calibration"]

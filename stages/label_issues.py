@@ -44,8 +44,10 @@ def main() -> None:
         note = f"no label issues among {len(images)} images"
     else:
         note = f"{len(table)} suspected label errors: see {args.out} (label_issues.show is 0)"
+    if not params["data"]["show_images"] and len(table) and params["label_issues"]["show"]:
+        note = f"{len(table)} suspected label errors: see {args.out} (pictures withheld: data.show_images is false)"
     label_issue_grid(
-        table.head(params["label_issues"]["show"]),
+        table.head(params["label_issues"]["show"] if params["data"]["show_images"] else 0),
         params["data"]["root"],
         args.picture,
         recipe=ImageRecipe.from_params(params["data"]),

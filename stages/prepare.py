@@ -7,12 +7,17 @@ import argparse
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from imgclf.core.errors import log, stage_main
 from imgclf.core.io import write_csv, write_json
 from imgclf.data.groups import group_near_duplicates, near_duplicate_pairs, resolve_conflicts
 from imgclf.data.images import ImageRecipe
 from imgclf.data.scan import ScanOptions, check_classes, scan_folder, summary_line
+from imgclf.data.subjects import check_rule, join_groups, load_key, subject_keys
 from imgclf.params import load_params
+
+SUBJECTS_TABLE = Path("logs/subjects.csv")
 
 
 @stage_main
@@ -28,6 +33,9 @@ def main() -> None:
         recipe=ImageRecipe.from_params(data),
         perceptual_hash=data["near_duplicates"] != "off",
     )
+    groups = data["groups"]
+    check_rule(data["root"], groups)
+    key = load_key() if groups["by"] != "none" else b""
     manifest = scan_folder(data["root"], options)
     manifest, conflicts = resolve_conflicts(manifest, data["label_conflicts"])
     classes = check_classes(manifest)
@@ -44,6 +52,18 @@ def main() -> None:
             args.out_dir / "near_duplicates.csv", time.perf_counter() - start, data["near_duplicates"],
         )  # fmt: skip
         write_csv(pairs, args.out_dir / "near_duplicates.csv")
+    if groups["by"] != "none":
+        # Subjects (patients) join the content groups; no output holds them (imgclf/data/subjects.py).
+        subjects = subject_keys(manifest, data["root"], groups, key)
+        manifest = join_groups(manifest, subjects)
+        kept_rows = manifest.loc[subjects.index]
+        per_class = subjects.groupby(kept_rows.label).nunique()
+        log.info(
+            "prepare: %d subjects (data.groups.by=%s) %s; keyed hashes per file in %s (not committed)",
+            subjects.nunique(), groups["by"], per_class.to_dict(), SUBJECTS_TABLE,
+        )  # fmt: skip
+        # For the data steward only (which files are patient X's?): git-ignored, no DVC output (see subjects.py).
+        write_csv(pd.DataFrame({"path": kept_rows.path, "subject": subjects}), SUBJECTS_TABLE)
 
     write_csv(manifest, args.out_dir / "manifest.csv")
     write_csv(conflicts, args.out_dir / "label_conflicts.csv")
@@ -57,6 +77,8 @@ def main() -> None:
     }
     if pairs is not None:
         metrics["near_duplicate_pairs"] = len(pairs)
+    if groups["by"] != "none":
+        metrics["subjects"] = int(subjects.nunique())
     write_json(args.metrics, metrics)
     log.info("prepare: %s in %s", summary_line(manifest), data["root"])
     if len(conflicts):

@@ -1,4 +1,4 @@
-"""split: stratified train/val/test lists; identical files (same sha256) always share a split.
+"""split: stratified train/val/test lists; a group (identical files, near-copies, one subject) shares a split.
 
 python -m stages.split --manifest data/prepared/manifest.csv --out-dir data/split
 """
@@ -10,7 +10,7 @@ from imgclf.core.errors import log, stage_main
 from imgclf.core.io import read_csv, write_csv
 from imgclf.data.imagelist import unique_images
 from imgclf.data.scan import class_counts
-from imgclf.data.split import held_out, split_manifest
+from imgclf.data.split import group_counts, group_key, held_out, spanning_groups, split_manifest
 from imgclf.params import load_params
 
 
@@ -30,15 +30,28 @@ def main() -> None:
         seed=params["base"]["seed"],
         use_provided_splits=params["data"]["use_provided_splits"],
     )
+    groups = group_counts(splits)
     for name, frame in splits.items():
         write_csv(frame, args.out_dir / f"{name}.csv")
-        log.info("split: %-5s %4d images %s", name, len(frame), class_counts(frame))
+        log.info(
+            "split: %-5s %4d images %s in %d groups %s",
+            name, len(frame), class_counts(frame), sum(groups[name].values()), groups[name],
+        )  # fmt: skip
+    spanning = spanning_groups(manifest)
+    if len(spanning):
+        log.warning(
+            "split: %d group(s) (a subject, or copies) have images in more than one provided split folder (%d "
+            "images, e.g. %s); the provided test and validation folders stay as given, and the group's other "
+            "images are held out",
+            group_key(spanning).nunique(), len(spanning), spanning.path.iloc[0],
+        )  # fmt: skip
     held = held_out(manifest, splits)
     write_csv(held, args.out_dir / "held_out.csv")
     if len(held):
         log.warning(
-            "split: %d image(s) held out of every split: copies or near-copies of provided test or validation "
-            "images in another split's folder (the provided folders stay as given); listed in %s",
+            "split: %d image(s) held out of every split: in one group (copies, near-copies or one subject) with "
+            "provided test or validation images, found in another split's folder (the provided folders stay as "
+            "given); listed in %s",
             len(held), args.out_dir / "held_out.csv",
         )  # fmt: skip
     # The images the backbone passes read, one row per content: features@ depends on this list alone, so a
@@ -48,14 +61,15 @@ def main() -> None:
     sizes = kept.groupby("group").size() if "group" in kept else None
     if sizes is not None and len(sizes) and sizes.max() > 1:
         log.info(
-            "split: %d groups of identical or near-identical images kept together (largest: %d images, group %s)",
+            "split: %d groups of identical or near-identical images, or of one subject, kept together (largest: "
+            "%d images, group %s)",
             int((sizes > 1).sum()), int(sizes.max()), sizes.idxmax()[:12],
         )  # fmt: skip
         if sizes.max() > 0.5 * min(params["split"]["val"], params["split"]["test"]) * len(kept):
             log.warning(
                 "split: one group holds %d of %d images, more than half a validation or test share: the split "
                 "cannot follow the ratios; see data/prepared/near_duplicates.csv and consider lowering "
-                "data.near_duplicate_distance",
+                "data.near_duplicate_distance, or check the subject rule (data.groups)",
                 int(sizes.max()), len(kept),
             )  # fmt: skip
 

@@ -25,7 +25,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # A truncated file must be an error, never a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# Read by extension; any other file is read when its content is DICOM (is_image_file).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"})
 DEFAULT_BACKGROUND = (255, 255, 255)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
 HIGH_BIT_DEPTH_RULES = ("window", "bit_depth", "full_range")
@@ -59,6 +60,10 @@ class ImageRecipe:
     jpeg_scaling: bool = False
     # bit_depth's scale for every image of the dataset (9..16); None: each image's smallest standard depth.
     bits_stored: int | None = None
+    # DICOM (imgclf/data/dicom.py): the file's own window (file) or the percentile `window` (percentile), and
+    # which frame of a multi-frame file (middle | first | last | a 0-based index).
+    dicom_window: str = "file"
+    dicom_frame: str | int = "middle"
 
     @classmethod
     def from_params(cls, data: dict[str, Any]) -> ImageRecipe:
@@ -70,6 +75,8 @@ class ImageRecipe:
             window=tuple(data["window"]),  # type: ignore[arg-type]
             jpeg_scaling=bool(data.get("jpeg_scaling", False)),
             bits_stored=data.get("bits_stored"),
+            dicom_window=data.get("dicom_window", "file"),
+            dicom_frame=data.get("dicom_frame", "middle"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,6 +84,13 @@ class ImageRecipe:
 
 
 DEFAULT_RECIPE = ImageRecipe()
+
+
+def is_image_file(path: str | Path) -> bool:
+    """An image extension (IMAGE_EXTENSIONS), or DICOM content whatever the name (the DICM marker at byte 128)."""
+    from imgclf.data.dicom import has_dicom_marker
+
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS or has_dicom_marker(path)
 
 
 class ImageSkip(Exception):
@@ -91,9 +105,19 @@ def decode_image(
     no smaller than `size`.
 
     Only the formats of IMAGE_EXTENSIONS are opened, whatever the file's name: a PostScript file named `x.png`
-    is not handed to Ghostscript. The pixel limit is checked on the header's size before anything is decoded,
-    without touching Pillow's global settings (safe with several loader threads)."""
+    is not handed to Ghostscript. DICOM files (by extension or content: imgclf.data.dicom.is_dicom) are decoded by
+    imgclf.data.dicom, the mode being their PhotometricInterpretation and the format "DICOM"; a multi-frame
+    file's chosen frame is in the image's info["frame"] ("13 of 25"). The pixel limit is checked on the
+    header's size before anything is decoded, without touching Pillow's global settings (safe with several
+    loader threads)."""
     max_pixels = recipe.max_pixels
+    from imgclf.data.dicom import decode_dicom, is_dicom
+
+    if is_dicom(path):
+        im, mode, frame = decode_dicom(path, recipe)
+        if frame:
+            im.info["frame"] = frame
+        return im, mode, "DICOM"
     try:
         with Image.open(path, formats=PIL_FORMATS) as im:
             if im.width * im.height > max_pixels:

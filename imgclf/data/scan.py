@@ -19,7 +19,7 @@ import pandas as pd
 from imgclf.core.errors import UserError, log
 from imgclf.core.io import sha256_file
 from imgclf.data.groups import perceptual_hash
-from imgclf.data.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, ImageSkip, decode_image
+from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe, ImageSkip, decode_image, is_image_file
 
 # Folder names (lower-case) that mean "a provided split", and the split they stand for.
 SPLIT_FOLDERS = {
@@ -46,6 +46,7 @@ MANIFEST_COLUMNS = [
     "format",
     "phash",
     "group",
+    "frame",
 ]
 
 
@@ -165,8 +166,8 @@ def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.Da
         if any(p.startswith(".") or p == "__MACOSX" for p in rel.parts) or path.name.lower() in SYSTEM_FILES:
             row["reason"] = "hidden or system file"
             continue
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            row["reason"] = f"not an image extension ({path.suffix or 'none'})"
+        if not is_image_file(path):
+            row["reason"] = f"not an image extension ({path.suffix or 'none'}) and not DICOM content"
             continue
         if reason:
             row["reason"] = reason
@@ -189,7 +190,7 @@ def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.Da
         except ImageSkip as exc:
             row["reason"] = str(exc)
             continue
-        row.update(width=im.width, height=im.height, mode=mode, format=fmt)
+        row.update(width=im.width, height=im.height, mode=mode, format=fmt, frame=im.info.get("frame", ""))
         if min(im.size) < options.min_side:
             row["reason"] = f"too small: {im.width}x{im.height} px, below data.min_side={options.min_side}"
             continue

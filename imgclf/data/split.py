@@ -22,6 +22,11 @@ def group_key(ok: pd.DataFrame) -> pd.Series:
     return ok.group.where(ok.group != "", ok.sha256) if "group" in ok else ok.sha256
 
 
+def _has_groups(ok: pd.DataFrame) -> bool:
+    """Whether any group holds more than one content (near-copies or subjects joined by prepare)."""
+    return "group" in ok and bool((ok.groupby(group_key(ok))["sha256"].nunique() > 1).any())
+
+
 def held_out(manifest: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """The kept rows that split_manifest put in no split (copies or near-copies of a provided test or
     validation image, found in another split's folder), with the reason."""
@@ -30,17 +35,63 @@ def held_out(manifest: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> pd.Data
     rows = ok[~ok.path.isin(placed)].copy()
     key, test_keys = group_key(rows), set(group_key(splits["test"]))
     rows["reason"] = [
-        f"a copy or near-copy of an image in the provided {'test' if k in test_keys else 'validation'} folder"
+        f"in one group (a copy, a near-copy or the same subject) with an image in the provided "
+        f"{'test' if k in test_keys else 'validation'} folder"
         for k in key
     ]
     return rows.sort_values("path").reset_index(drop=True)
 
 
-def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
-    """Whole counts per split for n groups: each split >= 1, val/test rounded, train takes the rest."""
-    counts = {name: max(1, round(n * frac)) for name, frac in fractions.items() if name != "train"}
-    counts["train"] = n - sum(counts.values())
-    return counts
+def _allocate(sizes: list[int], order: np.ndarray, fractions: dict[str, float]) -> dict[str, list[int]]:
+    """Whole groups (indices into `sizes`) per split, aiming at each share of the images (not of the groups).
+
+    Groups are taken in `order` (a seeded permutation): test first, then validation, each taking a group while
+    that brings its image count strictly closer to its target (round(share x images), at least 1), and while
+    enough groups remain for the splits after it (one each, train last). A group at least twice a target is
+    thus never taken by the loop: a dominant patient stays in train. A split the loop left empty takes the
+    smallest group left (the first in order among equals). With one image per group this is exactly
+    round(share x n) groups, the allocation from before groups existed."""
+    total = sum(sizes)
+    remaining = [int(i) for i in order]
+    names = [name for name in ("test", "val") if name in fractions]
+    out: dict[str, list[int]] = {}
+    for position, name in enumerate(names):
+        later = len(names) - position  # the splits after this one, train included: one group each
+        target = max(1, round(total * fractions[name]))
+        count, chosen, rest = 0, [], []
+        for i in remaining:
+            left_after = len(remaining) - len(chosen) - 1  # groups not in this split if i joins it
+            closer = abs(count + sizes[i] - target) < abs(count - target)
+            if count < target and closer and left_after >= later:
+                chosen.append(i)
+                count += sizes[i]
+            else:
+                rest.append(i)
+        if not chosen and len(rest) > later:
+            smallest = min(rest, key=lambda i: sizes[i])
+            chosen, rest = [smallest], [i for i in rest if i != smallest]
+        out[name], remaining = chosen, rest
+    out["train"] = remaining
+    return out
+
+
+def group_counts(splits: dict[str, pd.DataFrame]) -> dict[str, dict[str, int]]:
+    """Groups (subjects, near-copies and identical content kept together) per split and per class."""
+    out: dict[str, dict[str, int]] = {}
+    for name, frame in splits.items():
+        key = group_key(frame)
+        out[name] = {str(label): int(key[frame.label == label].nunique()) for label in sorted(set(frame.label))}
+    return out
+
+
+def spanning_groups(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Kept rows of groups found in more than one provided split folder (e.g. a patient in both Training and
+    Testing): the provided folders win, so split holds such training rows out; this lists every row."""
+    ok = manifest[(manifest.status == "ok") & (manifest.provided_split != "")]
+    key = group_key(ok)
+    folders = ok.groupby(key)["provided_split"].nunique()
+    spanning = set(folders.index[folders > 1])
+    return ok[key.isin(spanning)].sort_values("path").reset_index(drop=True)
 
 
 def split_manifest(
@@ -75,30 +126,32 @@ def split_manifest(
     others = [f for name, f in fractions.items() if name != "train"]
     needed = max(len(fractions), math.ceil(0.5 / min(others))) if others else 1
     # Each group belongs to the label of its first row, so a group spanning labels (near-copies filed under
-    # two classes) is counted and placed once, and no class loses a group it was counted with.
+    # two classes, a patient with images of two classes) is counted and placed once, and no class loses a group
+    # it was counted with. A group's size is its images of every label.
     pool = ok[assigned == ""]
-    owner = pool.groupby(key[assigned == ""], sort=False)["label"].first()
+    pool_key = key[assigned == ""]
+    owner = pool.groupby(pool_key, sort=False)["label"].first()
+    size = pool_key.value_counts()
+    what = "group(s) (subjects, near-copies and identical images together)" if _has_groups(ok) else "unique image(s)"
     for label in sorted(set(owner)):
-        groups = sorted(owner.index[owner == label])
+        groups = sorted(owner.index[owner == label])  # group ids are content hashes: the order needs no subject key
         if len(fractions) > 1 and len(groups) < needed:
             raise UserError(
-                f"class {label!r} has {len(groups)} unique image(s); splitting with split.val={val} and "
+                f"class {label!r} has {len(groups)} {what}; splitting with split.val={val} and "
                 f"split.test={test} needs at least {needed} per class; add images, drop the class folder, "
                 "or raise the ratios"
             )
         order = rng.permutation(len(groups))
-        counts = _allocate(len(groups), fractions)
-        if counts["train"] < 1:
+        chosen_by_split = _allocate([int(size[g]) for g in groups], order, fractions)
+        if not chosen_by_split["train"]:
             raise UserError(
-                f"class {label!r} has {len(groups)} unique image(s): split.val={val} and split.test={test} leave "
+                f"class {label!r} has {len(groups)} {what}: split.val={val} and split.test={test} leave "
                 "none for training; add images or lower the ratios"
             )
-        start = 0
         for name in ("test", "val", "train"):
-            if name not in counts:
+            if name not in chosen_by_split:
                 continue
-            chosen = {groups[i] for i in order[start : start + counts[name]]}
-            start += counts[name]
+            chosen = {groups[i] for i in chosen_by_split[name]}
             assigned[(assigned == "") & key.isin(chosen)] = name  # a group spanning labels moves whole
     ok = ok.assign(split=assigned)
     out = {}

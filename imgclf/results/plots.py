@@ -36,6 +36,18 @@ def class_pie_chart(counts: dict[str, int], path: str | Path, title: str = "Clas
     save_figure(fig, path)
 
 
+WITHHELD = "data.show_images is false: no image pixels in the committed plots"
+
+
+def withheld_picture(path: str | Path, what: str) -> None:
+    """In place of a picture of images (patients' pixels) when data.show_images is false: a note, so that the
+    DVC output exists and a reviewer sees why it is empty. No pixel of any image is drawn."""
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{what}: withheld\n({WITHHELD})", ha="center", va="center", fontsize=10)
+    save_figure(fig, path)
+
+
 def sample_grid(
     frame: pd.DataFrame,
     root: str | Path,
@@ -127,9 +139,16 @@ def confusion_heatmap(matrix: np.ndarray, classes: list[str], path: str | Path, 
 
 
 def attention_overlay(
-    images: list[np.ndarray], maps: np.ndarray, titles: list[str], rows: int, path: str | Path, title: str
+    images: list[np.ndarray],
+    maps: np.ndarray,
+    titles: list[str],
+    rows: int,
+    path: str | Path,
+    title: str,
+    show_images: bool = True,
 ) -> None:
-    """Each image with the head's attention over spatial positions (upsampled, bilinear) laid over it."""
+    """Each image with the head's attention over spatial positions (upsampled, bilinear) laid over it. Without
+    `show_images` (data.show_images: false) the attention maps alone, on black: no pixel of the image."""
     from PIL import Image
 
     cols = max(1, int(np.ceil(len(images) / rows)))
@@ -141,10 +160,16 @@ def attention_overlay(
         size = image.shape[:2][::-1]
         scaled = (amap - amap.min()) / (np.ptp(amap) or 1.0)
         heat = np.asarray(Image.fromarray(scaled.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
-        ax.imshow(image.astype(np.uint8))
-        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        if show_images:
+            ax.imshow(image.astype(np.uint8))
+            ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        else:
+            ax.imshow(heat, cmap="jet", vmin=0, vmax=1)
         ax.set_title(label, fontsize=8)
-    fig.suptitle(title)
+    if show_images:
+        fig.suptitle(title)
+    else:
+        fig.suptitle(f"{title}\n(attention only: {WITHHELD})", fontsize=9)
     save_figure(fig, path)
 
 

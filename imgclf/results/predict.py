@@ -20,7 +20,7 @@ import pandas as pd
 from imgclf.core.errors import UserError
 from imgclf.core.io import read_json
 from imgclf.core.logs import Progress
-from imgclf.data.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, load_image, try_load_image
+from imgclf.data.images import DEFAULT_RECIPE, IMAGE_EXTENSIONS, ImageRecipe, is_image_file, load_image, try_load_image
 from imgclf.results.calibration import apply_temperature
 from imgclf.results.evaluation import format_probability, probability_columns
 
@@ -114,16 +114,15 @@ class Classifier:
 
 
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files and folders (recursively, image extensions, hidden files left out) into a sorted list."""
+    """Expand files and folders (recursively: image extensions and DICOM content, hidden files left out) into a
+    sorted list."""
     inputs = list(inputs)
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             found += sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and is_image_file(p)
             )
         elif path.exists():
             found.append(path)
@@ -131,7 +130,9 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
             raise UserError(f"input {str(path)!r} does not exist; give image files or folders of images")
     if not found:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise UserError(f"no images found in {', '.join(map(str, inputs))} (looked for {extensions})")
+        raise UserError(
+            f"no images found in {', '.join(map(str, inputs))} (looked for {extensions} and DICOM files by content)"
+        )
     return found
 
 
