@@ -138,22 +138,45 @@ def test_summary_has_every_backbone_and_the_ensemble_and_picks_the_best_on_valid
 
 
 def test_predict_reproduces_evaluate(trained: Path, tmp_path: Path) -> None:
-    """predict's probabilities are the calibrated test predictions, for each backbone and the ensemble."""
+    """predict's probabilities are the calibrated test predictions, for each backbone and the ensemble; and
+    predict applies the recorded temperature: with it doubled in a copy of the models (the tiny project's
+    validation split may be too small to fit one), it gives evaluate@'s probabilities at twice the temperature."""
+    import shutil
+
+    from imgclf.results.calibration import apply_temperature
+
     test = read_csv(trained / "data/split/test.csv")
     inputs = [str(Path("images") / p) for p in test.path]
     pred = tmp_path / "pred.csv"  # not in the shared project: its git tree must stay clean for other tests
-    # The check means something only if calibration changed the probabilities.
-    temperatures = [read(trained, f"models/{bb}/info.json")["calibration"]["temperature"] for bb in BACKBONES]
-    assert any(abs(t - 1) > 0.05 for t in [*temperatures, read(trained, "models/ensemble.json")["temperature"]])
-    for bb in [*BACKBONES, "ensemble"]:
-        out = run([sys.executable, "-m", "imgclf", "predict", "--backbone", bb, "--out", str(pred), *inputs], trained)
+
+    def predicted(bb: str, *extra: str) -> pd.DataFrame:
+        out = run(
+            [sys.executable, "-m", "imgclf", "predict", "--backbone", bb, "--out", str(pred), *extra, *inputs], trained
+        )
         assert f"{len(test)} of {len(test)} images classified" in out.stderr
-        predicted = read_csv(pred)
+        return read_csv(pred)
+
+    evaluated = {}
+    for bb in [*BACKBONES, "ensemble"]:
         folder = "plots/ensemble" if bb == "ensemble" else f"plots/backbones/{bb}"
-        evaluated = read_csv(trained / folder / "predictions.csv")
-        assert list(predicted.predicted) == list(evaluated.predicted)
-        columns = [c for c in evaluated.columns if c.startswith("p_")]
-        np.testing.assert_allclose(predicted[columns].to_numpy(), evaluated[columns].to_numpy(), atol=2e-6)
+        evaluated[bb] = read_csv(trained / folder / "predictions.csv")
+        got = predicted(bb)
+        assert list(got.predicted) == list(evaluated[bb].predicted)
+        columns = [c for c in evaluated[bb].columns if c.startswith("p_")]
+        np.testing.assert_allclose(got[columns].to_numpy(), evaluated[bb][columns].to_numpy(), atol=2e-6)
+    for bb, record in ((BACKBONES[0], f"{BACKBONES[0]}/info.json"), ("ensemble", "ensemble.json")):
+        models = tmp_path / f"models_{bb}"
+        shutil.copytree(trained / "models", models)
+        info = json.loads((models / record).read_text())
+        holder = info.get("calibration", info)
+        holder["temperature"] = 2 * float(holder["temperature"])
+        (models / record).write_text(json.dumps(info))
+        columns = [c for c in evaluated[bb].columns if c.startswith("p_")]
+        hotter = predicted(bb, "--models-dir", str(models))[columns].to_numpy()
+        # Calibrated at T is softmax(log p / T); at 2T it is the calibrated probabilities at temperature 2.
+        expected = apply_temperature(evaluated[bb][columns].to_numpy(dtype=np.float64), 2.0)
+        np.testing.assert_allclose(hotter, expected, atol=1e-4)
+        assert np.abs(hotter - evaluated[bb][columns].to_numpy()).max() > 1e-3  # the temperature did something
 
 
 def test_fine_tuning_runs_end_to_end_and_evaluates_the_tuned_model(copy_of: Path) -> None:
