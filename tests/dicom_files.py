@@ -49,6 +49,22 @@ def instance_uid(n: int) -> str:
     return f"{UID_ROOT}.3.{n}.{_instances[n]}"
 
 
+def _dataset(sop_class: str, modality: str, patient_no: int) -> Dataset:
+    """A dataset of `sop_class` with its file meta (uncompressed), a new instance UID and patient n's attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = instance_uid(patient_no)
+    meta.TransferSyntaxUID = PLAIN
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    for keyword, value in patient(patient_no).items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def write_dicom(
     path: Path,
     pixels: np.ndarray,
@@ -66,18 +82,8 @@ def write_dicom(
 ) -> Path:
     """A Secondary Capture DICOM of `pixels` ((rows, cols) or (frames, rows, cols), unsigned) with the given
     stored bits, rescale, window and transfer syntax (compressed by pydicom's own RLE or openjpeg encoder)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = instance_uid(patient_no)
-    meta.TransferSyntaxUID = PLAIN
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = _dataset(SecondaryCaptureImageStorage, "OT", patient_no)
     ds.SeriesInstanceUID = series_uid or f"{UID_ROOT}.2.{patient_no}"
-    ds.Modality = "OT"
-    for keyword, value in patient(patient_no).items():
-        setattr(ds, keyword, value)
     ds.Rows, ds.Columns = pixels.shape[-2:]
     if pixels.ndim == 3:
         ds.NumberOfFrames = pixels.shape[0]
@@ -106,17 +112,7 @@ def write_dicom(
 
 def write_no_pixels(path: Path, patient_no: int = 1) -> Path:
     """A report (Basic Text SR): DICOM, but no image."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
-    meta.MediaStorageSOPInstanceUID = instance_uid(patient_no)
-    meta.TransferSyntaxUID = PLAIN
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = BASIC_TEXT_SR
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "SR"
-    for keyword, value in patient(patient_no).items():
-        setattr(ds, keyword, value)
+    ds = _dataset(BASIC_TEXT_SR, "SR", patient_no)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from imgclf.core.errors import UserError, log
+from imgclf.data.groups import group_near_duplicates
 
 KEY_ENV = "IMGCLF_GROUP_KEY_FILE"
 DEFAULT_KEY_FILE = Path("~/.config/imgclf/group.key")
@@ -43,9 +44,9 @@ def key_file() -> Path:
     return Path(os.environ.get(KEY_ENV) or DEFAULT_KEY_FILE).expanduser()
 
 
-def load_key(create: bool = True, project: str | Path = ".") -> bytes:
-    """The secret key, made (32 random bytes, mode 0600) when missing and `create`; a UserError when unusable
-    or inside the project (where git or DVC could pick it up)."""
+def load_key(project: str | Path = ".") -> bytes:
+    """The secret key, made (32 random bytes, mode 0600) when missing; a UserError when unusable or inside the
+    project (where git or DVC could pick it up)."""
     path = key_file()
     if Path(os.path.realpath(path)).is_relative_to(os.path.realpath(project)):
         raise UserError(
@@ -53,8 +54,6 @@ def load_key(create: bool = True, project: str | Path = ".") -> bytes:
             "to a path outside it (the default is ~/.config/imgclf/group.key)"
         )
     if not path.exists():
-        if not create:
-            raise UserError(f"no group-hash key at {path}; set {KEY_ENV} to this site's key file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -195,25 +194,12 @@ def subject_keys(manifest: pd.DataFrame, root: str | Path, groups: dict[str, Any
 
 def join_groups(manifest: pd.DataFrame, subject: pd.Series) -> pd.DataFrame:
     """Merge into one `group` every group that shares a subject (`subject`: kept rows' keys, indexed like the
-    manifest), a union with the identical-content and near-copy groups: the merged group is the smallest of its
-    group ids (content hashes), so the result does not depend on how subjects are keyed or hashed."""
-    manifest = manifest.copy()
-    ok = manifest.status == "ok"
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.get(x, x) != x:
-            parent[x] = parent.get(parent[x], parent[x])
-            x = parent[x]
-        return x
-
-    first_group: dict[str, str] = {}
-    for group, key in zip(manifest.group[ok], subject[manifest.index[ok]], strict=True):
-        if key in first_group:
-            a, b = find(first_group[key]), find(group)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-        else:
-            first_group[key] = group
-    manifest.loc[ok, "group"] = [find(g) for g in manifest.group[ok]]
-    return manifest
+    manifest), a union with the identical-content and near-copy groups, by the near-copy grouping itself: each
+    row is linked to the first row of its group and to the first row of its subject. The merged group is the
+    smallest content hash of its rows, so the result does not depend on how subjects are keyed or hashed."""
+    rows = manifest[manifest.status == "ok"]
+    links = []
+    for keys in (rows.group, subject[rows.index]):
+        first: dict[str, str] = {}
+        links += [(first.setdefault(key, path), path) for path, key in zip(rows.path, keys, strict=True)]
+    return group_near_duplicates(manifest, pd.DataFrame(links, columns=["path_a", "path_b"]))
