@@ -43,15 +43,19 @@ def main() -> None:
     if data["near_duplicates"] != "off":
         start = time.perf_counter()
         pairs = near_duplicate_pairs(manifest, data["near_duplicate_distance"])
+        searched = time.perf_counter() - start
+        grouping = ""
         if data["near_duplicates"] == "group":
             manifest = group_near_duplicates(manifest, pairs)
+            sizes = manifest[manifest.status == "ok"].groupby("group").size()
+            grouping = f"; {int((sizes > 1).sum())} groups of several files, the largest {int(sizes.max())}"
         log.info(
             "prepare: %d near-duplicate pairs (perceptual hash distance <= %d; %d across labels) -> %s, "
-            "compared in %.1f s (data.near_duplicates=%s)",
-            len(pairs), data["near_duplicate_distance"], int((~pairs.same_label).sum()),
-            args.out_dir / "near_duplicates.csv", time.perf_counter() - start, data["near_duplicates"],
+            "found in %.1f s (data.near_duplicates=%s)%s",
+            len(pairs), data["near_duplicate_distance"], pairs.across_labels(),
+            args.out_dir / "near_duplicates.csv", searched, data["near_duplicates"], grouping,
         )  # fmt: skip
-        write_csv(pairs, args.out_dir / "near_duplicates.csv")
+        pairs.write_csv(args.out_dir / "near_duplicates.csv")
     if groups["by"] != "none":
         # Subjects (patients) join the content groups; no output holds them (imgclf/data/subjects.py).
         subjects = subject_keys(manifest, data["root"], groups, key)

@@ -55,12 +55,13 @@ def test_a_resized_re_encoded_copy_is_a_near_duplicate_and_another_image_is_not(
     rng = np.random.default_rng(99)
     Image.fromarray(shape_image(0, 64, rng)).save(root / "a" / "another_hbar.png")  # same class, other image
     manifest = scan_folder(root)
-    pairs = near_duplicate_pairs(manifest, max_distance=4)
+    near = near_duplicate_pairs(manifest, max_distance=4)
+    pairs = near.frame()
     found = {frozenset((a, b)) for a, b in zip(pairs.path_a, pairs.path_b, strict=True)}
     assert frozenset(("a/a_000.png", "a/resized_copy.jpg")) in found
     assert not any("a/another_hbar.png" in pair for pair in found)  # the paths are class/file
 
-    grouped = group_near_duplicates(manifest, pairs).set_index("path")
+    grouped = group_near_duplicates(manifest, near).set_index("path")
     assert grouped.loc["a/resized_copy.jpg", "group"] == grouped.loc["a/a_000.png", "group"]
     splits = split_manifest(grouped.reset_index(), val=0.2, test=0.2, seed=0)
     home = {p: name for name, df in splits.items() for p in df.path}

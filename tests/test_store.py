@@ -58,3 +58,35 @@ def test_feature_batches_serve_every_item_once_per_epoch_in_a_new_seeded_order(t
     assert epoch(FeatureBatches(parts, batch_size=3, shuffle_seed=7)) == first  # the same on every run
     in_order = epoch(FeatureBatches(parts, batch_size=3))
     assert [v for v, _ in in_order] == [0.0, 1.0, 2.0, 2.0, 5.0, 103.0, 100.0]  # unshuffled: the parts' order
+
+
+@pytest.mark.parametrize("iov_max", [3, 1024])
+def test_row_reader_gathers_exactly_numpys_rows_straight_into_the_batch(
+    tmp_path: Path, iov_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against NumPy's own indexing of the file, over sorted, shuffled, repeated and sequential requests;
+    with iov_max 3, runs longer than the kernel's buffer limit are read in several calls."""
+    import imgclf.features.store as store
+
+    monkeypatch.setattr(store, "IOV_MAX", iov_max)
+    rng = np.random.default_rng(1)
+    array = rng.normal(size=(300, 2, 2, 3)).astype(np.float32)
+    np.save(tmp_path / "f.npy", array)
+    expected = np.load(tmp_path / "f.npy", mmap_mode="r")
+    reader = RowReader(tmp_path / "f.npy")
+    requests = [
+        np.arange(300),
+        np.arange(40, 80)[::-1],
+        rng.integers(0, 300, 64),  # shuffled, with repeats
+        np.sort(rng.choice(300, 100, replace=False)),
+        np.repeat([5, 6, 7], 4),
+        np.array([299, 0, 299]),
+    ]
+    for rows in requests:
+        np.testing.assert_array_equal(reader[rows], expected[rows])
+        out = np.full((len(rows) + 5, 2, 2, 3), np.nan, dtype=np.float32)
+        positions = rng.permutation(len(out))[: len(rows)]
+        reader.gather(rows, out, positions)
+        np.testing.assert_array_equal(out[positions], expected[rows])
+        untouched = np.setdiff1d(np.arange(len(out)), positions)
+        assert np.isnan(out[untouched]).all()  # nothing written outside the positions asked for

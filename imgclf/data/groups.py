@@ -5,10 +5,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from imgclf.core.io import atomic_path
 
 NEAR_DUPLICATE_COLUMNS = ["path_a", "path_b", "label_a", "label_b", "distance", "same_label"]
 
@@ -56,38 +60,158 @@ def perceptual_hash(im: Any) -> str:
     return str(imagehash.phash(im))
 
 
-def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, block_cells: int = 1 << 24) -> pd.DataFrame:
-    """Pairs of kept files with different content whose perceptual hashes differ in at most `max_distance`
-    of 64 bits, one row per pair of distinct contents (first path of each), with the distance."""
-    ok = manifest[(manifest.status == "ok") & (manifest.phash != "")]
-    unique = ok.sort_values("path").drop_duplicates("sha256").reset_index(drop=True)
-    hashes = np.array([int(h, 16) for h in unique.phash], dtype=np.uint64)
-    rows = []
-    chunk = max(1, block_cells // max(len(hashes), 1))  # a block of comparisons stays ~16 M cells (~150 MB)
+def hash_bands(max_distance: int) -> list[tuple[int, int]]:
+    """The 64 bits cut into max_distance + 1 bands (first bit, width), as equal as they come: two hashes at
+    most max_distance bits apart are equal on at least one band (pigeonhole), so looking within buckets of
+    equal band values finds every such pair."""
+    count = max_distance + 1
+    widths = [64 // count + (1 if i < 64 % count else 0) for i in range(count)]
+    return [(sum(widths[:i]), width) for i, width in enumerate(widths)]
+
+
+def hamming_pairs(hashes: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair i < j of 64-bit hashes at most `max_distance` bits apart, exactly: (i, j, distance) as three
+    arrays sorted by (i, j). Multi-index hashing: for each of max_distance + 1 bands, sort by the band and
+    compare only hashes in one bucket (equal band); a pair is kept in the first band it is equal on, so it
+    appears once. Work is the number of same-bucket pairs (about n^2 / 2^13 per band at 64 bits and distance
+    4, against n^2 / 2 for all pairs); memory is a few arrays of n, plus 17 bytes per pair found."""
+    if not 0 <= max_distance < 64:
+        raise ValueError(f"max_distance must be 0..63. Received: {max_distance}")
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    n = len(hashes)
+    index = np.int32 if n < 2**31 - 1 else np.int64
+    keys = [(hashes >> np.uint64(first)) & np.uint64((1 << width) - 1) for first, width in hash_bands(max_distance)]
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for band, key in enumerate(keys):
+        order = np.argsort(key, kind="stable").astype(index)
+        sorted_keys, sorted_hashes = key[order], hashes[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        end = np.repeat(starts + sizes, sizes).astype(index)  # one past the last position of each one's bucket
+        active = np.flatnonzero(end - np.arange(n, dtype=index) > 1).astype(index)  # has a bucket-mate after it
+        step = 1
+        while active.size:  # compare position p with p + step, for every p whose bucket reaches that far
+            other = active + step
+            distance = np.bitwise_count(sorted_hashes[active] ^ sorted_hashes[other])
+            hit = np.flatnonzero(distance <= max_distance)
+            if hit.size:
+                a, b = order[active[hit]], order[other[hit]]
+                first_band = np.ones(len(hit), dtype=bool)
+                for earlier in keys[:band]:  # equal on an earlier band: found there already
+                    first_band &= earlier[a] != earlier[b]
+                a, b = a[first_band], b[first_band]
+                found.append((np.minimum(a, b), np.maximum(a, b), distance[hit][first_band].astype(np.uint8)))
+            step += 1
+            active = active[end[active] - active > step]
+    if not found:
+        return np.empty(0, dtype=index), np.empty(0, dtype=index), np.empty(0, dtype=np.uint8)
+    a, b, distance = (np.concatenate(part) for part in zip(*found, strict=True))
+    order = np.lexsort((b, a))
+    return a[order], b[order], distance[order]
+
+
+def hamming_pairs_all(hashes: np.ndarray, max_distance: int, block_cells: int = 1 << 24) -> tuple[np.ndarray, ...]:
+    """The same as `hamming_pairs` by comparing all pairs (quadratic): the reference it is tested against."""
+    hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
+    found = [(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint8))]
+    chunk = max(1, block_cells // max(len(hashes), 1))
     for start in range(0, len(hashes), chunk):
-        block = hashes[start : start + chunk]
-        distance = np.bitwise_count(block[:, None] ^ hashes[None, start:])  # (b, N - start): Hamming distances
-        for i, j in zip(*np.nonzero(distance <= max_distance), strict=True):
-            a, b = start + int(i), start + int(j)
-            if a < b:
-                rows.append((a, b, int(distance[i, j])))
-    pairs = [
-        {
-            "path_a": unique.path[a],
-            "path_b": unique.path[b],
-            "label_a": unique.label[a],
-            "label_b": unique.label[b],
-            "distance": d,
-            "same_label": bool(unique.label[a] == unique.label[b]),
-        }
-        for a, b, d in rows
-    ]
-    return pd.DataFrame(pairs, columns=NEAR_DUPLICATE_COLUMNS).sort_values(["path_a", "path_b"], ignore_index=True)
+        distance = np.bitwise_count(hashes[start : start + chunk, None] ^ hashes[None, start:])
+        i, j = np.nonzero(distance <= max_distance)
+        later = j > i  # j is counted from `start`, i from the block's start: the same origin
+        found.append((start + i[later], start + j[later], distance[i[later], j[later]].astype(np.uint8)))
+    a, b, distance = (np.concatenate(part) for part in zip(*found, strict=True))
+    order = np.lexsort((b, a))
+    return a[order], b[order], distance[order]
 
 
-def group_near_duplicates(manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
-    """Set `group` so that near-copies (and, through them, their exact copies) share one: the smallest
-    sha256 of each connected set. Split keeps a group in one split, as it does an exact copy."""
+@dataclass
+class NearDuplicates:
+    """Pairs of distinct kept contents whose perceptual hashes are at most `max_distance` bits apart.
+
+    `contents` holds one row per content (path, label, sha256, phash: its first path by name), and a pair is two
+    row numbers a < b of it with their distance: arrays, not Python objects, so a million images with many
+    pairs stay small. `write_csv` streams them out (near_duplicates.csv, sorted by path_a, path_b)."""
+
+    contents: pd.DataFrame
+    a: np.ndarray
+    b: np.ndarray
+    distance: np.ndarray
+    max_distance: int
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def across_labels(self) -> int:
+        labels = self.contents.label.to_numpy()
+        return int(np.count_nonzero(labels[self.a] != labels[self.b]))
+
+    def frame(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+        """Pairs start..stop as near_duplicates.csv's rows."""
+        a, b = self.a[start:stop], self.b[start:stop]
+        paths, labels = self.contents.path.to_numpy(), self.contents.label.to_numpy()
+        return pd.DataFrame(
+            {
+                "path_a": paths[a],
+                "path_b": paths[b],
+                "label_a": labels[a],
+                "label_b": labels[b],
+                "distance": self.distance[start:stop].astype(int),
+                "same_label": labels[a] == labels[b],
+            },
+            columns=NEAR_DUPLICATE_COLUMNS,
+        )
+
+    def write_csv(self, path: str | Path, chunk: int = 100_000) -> None:
+        with atomic_path(path) as tmp:
+            self.frame(0, 0).to_csv(tmp, index=False, lineterminator="\n")
+            for start in range(0, len(self), chunk):
+                self.frame(start, start + chunk).to_csv(tmp, index=False, header=False, mode="a", lineterminator="\n")
+
+
+def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int) -> NearDuplicates:
+    """Pairs of kept files with different content whose perceptual hashes differ in at most `max_distance`
+    of 64 bits, one per pair of distinct contents (the first path of each, by name), with the distance."""
+    ok = manifest[(manifest.status == "ok") & (manifest.phash != "")]
+    contents = ok.sort_values("path").drop_duplicates("sha256").reset_index(drop=True)
+    contents = contents[["path", "label", "sha256", "phash"]]
+    hashes = np.array([int(h, 16) for h in contents.phash], dtype=np.uint64)
+    a, b, distance = hamming_pairs(hashes, max_distance)
+    # contents are sorted by path, so a < b is path_a < path_b and the pairs come sorted by (path_a, path_b)
+    return NearDuplicates(contents, a, b, distance, max_distance)
+
+
+def near_copy_leaders(count: int, near: NearDuplicates) -> np.ndarray:
+    """For each of `count` contents (in path order), the first one of its near-copy group: content i joins the
+    group of the first earlier leader within the distance (a leader is a content that joined none), else
+    leads its own. Every member is within the distance of its group's first member, so no chain of small
+    steps (a to b to c ...) merges unlike images into one large group, as single linkage (a union of all
+    pairs) can."""
+    leader = np.arange(count)
+    later_first = np.lexsort((near.a, near.b))
+    for a, b in zip(near.a[later_first].tolist(), near.b[later_first].tolist(), strict=True):
+        # pairs by b, then a: when b's pairs come, every earlier content is settled
+        if leader[b] == b and leader[a] == a:
+            leader[b] = a
+    return leader
+
+
+def group_near_duplicates(manifest: pd.DataFrame, near: NearDuplicates) -> pd.DataFrame:
+    """Set `group` so that near-copies (and their exact copies) share one, by `near_copy_leaders`' rule: the
+    smallest sha256 of each group. Split keeps a group in one split, as it does an exact copy."""
+    leaders = near_copy_leaders(len(near.contents), near)
+    sha = near.contents.sha256.to_numpy()
+    smallest = pd.Series(sha).groupby(leaders).transform("min").to_numpy()
+    group_of = dict(zip(sha, smallest, strict=True))
+    manifest = manifest.copy()
+    ok = (manifest.status == "ok") & manifest.sha256.isin(group_of)
+    manifest.loc[ok, "group"] = manifest.sha256[ok].map(group_of)
+    return manifest
+
+
+def union_groups(manifest: pd.DataFrame, links: pd.DataFrame) -> pd.DataFrame:
+    """Merge the groups of every linked pair of paths (links: path_a, path_b) into one, transitively (union):
+    the smallest sha256 of each connected set becomes its `group`."""
     manifest = manifest.copy()
     sha_of = dict(zip(manifest.path, manifest.sha256, strict=True))
     parent: dict[str, str] = {}
@@ -98,7 +222,7 @@ def group_near_duplicates(manifest: pd.DataFrame, pairs: pd.DataFrame) -> pd.Dat
             x = parent[x]
         return x
 
-    for a, b in zip(pairs.path_a, pairs.path_b, strict=True):
+    for a, b in zip(links.path_a, links.path_b, strict=True):
         ra, rb = find(sha_of[a]), find(sha_of[b])
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)

@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from imgclf.core.errors import UserError, log
-from imgclf.data.groups import group_near_duplicates
+from imgclf.data.groups import union_groups
 
 KEY_ENV = "IMGCLF_GROUP_KEY_FILE"
 DEFAULT_KEY_FILE = Path("~/.config/imgclf/group.key")
@@ -194,7 +194,7 @@ def subject_keys(manifest: pd.DataFrame, root: str | Path, groups: dict[str, Any
 
 def join_groups(manifest: pd.DataFrame, subject: pd.Series) -> pd.DataFrame:
     """Merge into one `group` every group that shares a subject (`subject`: kept rows' keys, indexed like the
-    manifest), a union with the identical-content and near-copy groups, by the near-copy grouping itself: each
+    manifest), a union with the identical-content and near-copy groups: each
     row is linked to the first row of its group and to the first row of its subject. The merged group is the
     smallest content hash of its rows, so the result does not depend on how subjects are keyed or hashed."""
     rows = manifest[manifest.status == "ok"]
@@ -202,4 +202,4 @@ def join_groups(manifest: pd.DataFrame, subject: pd.Series) -> pd.DataFrame:
     for keys in (rows.group, subject[rows.index]):
         first: dict[str, str] = {}
         links += [(first.setdefault(key, path), path) for path, key in zip(rows.path, keys, strict=True)]
-    return group_near_duplicates(manifest, pd.DataFrame(links, columns=["path_a", "path_b"]))
+    return union_groups(manifest, pd.DataFrame(links, columns=["path_a", "path_b"]))

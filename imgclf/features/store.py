@@ -8,6 +8,7 @@ not the process's and is given back under pressure) keeps the hot rows fast.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -20,6 +21,8 @@ import pandas as pd
 from imgclf.core.errors import UserError
 from imgclf.core.io import read_csv, read_json
 from imgclf.features.backbone_pass import EXTRACTOR_FILE, FEATURES_FILE, INDEX_FILE, INFO_FILE
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class RowReader:
@@ -45,24 +48,42 @@ class RowReader:
 
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
-            raise IndexError(f"rows outside 0..{self.shape[0] - 1} of {self.path}")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        self.gather(rows, out)
+        return out
+
+    def gather(self, rows: np.ndarray, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        """Read row rows[k] into out[positions[k]] (positions: 0..len(rows) - 1 by default) straight from the
+        file: the requested rows sorted, one `preadv` per run of consecutive rows whose buffers are the output
+        rows themselves, so the bytes are copied once (page cache to output) and a sorted, shuffled or
+        sequential batch costs as many system calls as it has runs. A row asked twice is read once and copied."""
+        rows = np.asarray(rows, dtype=np.int64)
+        positions = np.arange(len(rows)) if positions is None else np.asarray(positions, dtype=np.int64)
+        if out.dtype != self.dtype or out.shape[1:] != self.shape[1:] or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-ordered {self.dtype} (..., {self.shape[1:]}). Received: {out.shape}")
         if not rows.size:
-            return np.empty((0, *self.shape[1:]), dtype=self.dtype)
-        unique, inverse = np.unique(rows, return_inverse=True)
-        out = np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
-        flat = out.reshape(len(unique), -1).view(np.uint8)
-        start = 0
-        # One read per run of consecutive rows (a sorted, shuffled batch has few; a sequential scan, one).
-        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-        for run in np.split(np.arange(len(unique)), breaks):
-            first, count = int(unique[run[0]]), len(run)
-            data = os.pread(self.fd, count * self.row_bytes, self.offset + first * self.row_bytes)
-            if len(data) != count * self.row_bytes:
-                raise OSError(f"{self.path} is shorter than its header says (truncated?)")
-            flat[start : start + count] = np.frombuffer(data, dtype=np.uint8).reshape(count, self.row_bytes)
-            start += count
-        return out[inverse]
+            return
+        if rows.min() < 0 or rows.max() >= self.shape[0]:
+            raise IndexError(f"rows outside 0..{self.shape[0] - 1} of {self.path}")
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        first = np.r_[True, ordered[1:] != ordered[:-1]]  # the first request of each distinct row
+        distinct, into = ordered[first], positions[order[first]]
+        flat = out.reshape(len(out), -1).view(np.uint8)
+        breaks = np.r_[0, np.flatnonzero(np.diff(distinct) != 1) + 1, len(distinct)]
+        for run_start, run_stop in itertools.pairwise(breaks.tolist()):
+            for begin in range(run_start, run_stop, IOV_MAX):  # the kernel takes at most IOV_MAX buffers a call
+                stop = min(begin + IOV_MAX, run_stop)
+                buffers = [flat[p] for p in into[begin:stop].tolist()]
+                offset = self.offset + int(distinct[begin]) * self.row_bytes
+                expected = (stop - begin) * self.row_bytes
+                if os.preadv(self.fd, buffers, offset) != expected:
+                    # a short read: past the end (truncated file), or a rare partial read
+                    raise OSError(f"{self.path} is shorter than its header says (truncated?)")
+        if not first.all():  # repeats (oversampling): copy from the row's first request
+            source = order[np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))]
+            again = ~first
+            out[positions[order[again]]] = out[positions[source[again]]]
 
     def close(self) -> None:
         if getattr(self, "fd", -1) >= 0:  # also after a failed __init__
@@ -183,6 +204,7 @@ class FeatureBatches(keras.utils.PyDataset):
         if len(self.rows) != len(self.labels):
             raise ValueError(f"rows and labels differ in length. Received: {len(self.rows)}, {len(self.labels)}")
         self.batch_size = batch_size
+        self.shape = tuple(self.sources[0].shape[1:])
         self.rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
         self.order = np.arange(len(self.rows))
         self.on_epoch_end()
@@ -192,14 +214,16 @@ class FeatureBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         items = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        blocks = []
+        x = np.empty((len(items), *self.shape), dtype=np.float32)
         for i, source in enumerate(self.sources):
-            mine = self.source_of[items] == i
-            if mine.any():
-                blocks.append((np.flatnonzero(mine), source[self.rows[items[mine]]]))
-        x = np.empty((len(items), *blocks[0][1].shape[1:]), dtype=np.float32)
-        for positions, block in blocks:
-            x[positions] = block
+            mine = np.flatnonzero(self.source_of[items] == i)
+            if not mine.size:
+                continue
+            rows = self.rows[items[mine]]
+            if isinstance(source, RowReader) and source.dtype == x.dtype:
+                source.gather(rows, x, mine)  # straight from the file into the batch
+            else:
+                x[mine] = source[rows]
         return x, self.labels[items]
 
     def on_epoch_end(self) -> None:
