@@ -147,7 +147,7 @@ def rss_child(backbone: str, n: int, size: int, batch: int) -> None:
     """In a fresh process: extract features for n images to disk as features@<bb> does; print peak RSS (MB)."""
     import pandas as pd
 
-    from imgclf.features.backbone_pass import compute_features
+    from imgclf.features.reuse import compute_features
 
     paths = sample_paths(n)
     frame = pd.DataFrame({"sha256": [f"{i:064x}" for i in range(n)], "path": [str(p) for p in paths]})

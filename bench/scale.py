@@ -87,7 +87,7 @@ def throughput(
     import pandas as pd
 
     from imgclf.data.images import ImageRecipe, load_image
-    from imgclf.features.backbone_pass import compute_features
+    from imgclf.features.reuse import compute_features
 
     recipe = ImageRecipe(jpeg_scaling=jpeg_scaling)  # as params.yaml's data section gives it
     model = extractor(backbone, size, precision)
@@ -171,7 +171,8 @@ def train_child(path: str, mode: str, epochs: int) -> dict:
     import keras
     import numpy as np
 
-    from imgclf.features.store import FeatureBatches, RowReader
+    from imgclf.features.rows import RowReader
+    from imgclf.features.store import FeatureBatches
     from imgclf.head.model import build_attention_head
     from imgclf.head.training import compile_model
 

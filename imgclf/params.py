@@ -87,6 +87,7 @@ SCHEMA: dict[str, Any] = {
         "precision": PRECISIONS,
         "precision_overrides": "precision_overrides",
         "engine": ("local", "ray"),
+        "cache": "optstr",
         "ray": {"address": "str", "workers": "posint", "cpus_per_worker": "posint", "gpus_per_worker": "nonnegfloat"},
     },
     "train": {**TRAIN_KEYS, "overrides": "overrides"},

@@ -20,7 +20,8 @@ from imgclf.core.repro import seed_everything
 from imgclf.data.augment import AugmentParams, make_variant
 from imgclf.data.imagelist import unique_images
 from imgclf.data.images import ImageRecipe
-from imgclf.features.backbone_pass import EXTRACTOR_FILE, EXTRACTOR_INFO_FILE, compute_features, write_empty_features
+from imgclf.features.backbone_pass import EXTRACTOR_FILE, EXTRACTOR_INFO_FILE, write_empty_features
+from imgclf.features.reuse import compute_features
 from imgclf.params import load_params
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     rows = rows.assign(variant=np.tile(np.arange(1, augment.copies + 1), len(train)))
     extractor = load_extractor(str(args.features / EXTRACTOR_FILE))
     start = time.perf_counter()
-    compute_features(
+    info = compute_features(
         extractor,
         rows[["sha256", "path", "variant"]],
         root=params["data"]["root"],
@@ -67,10 +68,15 @@ def main() -> None:
         transform=lambda i, image: make_variant(image, seed, rows.sha256[i], int(rows.variant[i]), augment),
         desc=f"augment@{args.backbone}",
         save_extractor=False,  # the one in the features directory made these
+        cache=params["features"]["cache"],
+        # a variant's pixels: the strengths, the seed and the image (its sha256 and number k, in the item); not
+        # the number of copies, so raising it computes only the new variants
+        cache_record={"augment": {k: v for k, v in augment.to_dict().items() if k != "copies"}, "seed": seed},
     )
     log.info(
-        "augment@%s: %d backbone passes (%d unique training images x %d copies) in %.1f s",
-        args.backbone, len(rows), len(train), augment.copies, time.perf_counter() - start,
+        "augment@%s: %d variants (%d unique training images x %d copies) in %.1f s: %d computed, %d reused from %s",
+        args.backbone, len(rows), len(train), augment.copies, time.perf_counter() - start, info["computed"],
+        info["reused"], params["features"]["cache"] or "no cache (features.cache: null)",
     )  # fmt: skip
 
 

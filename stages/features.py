@@ -15,9 +15,9 @@ from imgclf.core.errors import log, stage_main
 from imgclf.core.io import read_csv
 from imgclf.core.repro import seed_everything
 from imgclf.data.images import ImageRecipe
-from imgclf.features.backbone_pass import compute_features
 from imgclf.features.backbones import build_backbone, get_backbone
 from imgclf.features.device import check_precision, dtype_policy, platform_record, precision_for
+from imgclf.features.reuse import compute_features
 from imgclf.params import load_params
 
 
@@ -68,17 +68,20 @@ def main() -> None:
             },
             recipe=ImageRecipe.from_params(params["data"]),
             engine=ray_engine(features["ray"]) if on_ray else None,
+            cache=features["cache"],
         )
     finally:
         if on_ray:
             shutdown()
     where = f"ray at {features['ray']['address']}, {features['ray']['workers']} workers" if on_ray else "this process"
+    where = where if info["computed"] else "nothing to compute"
     seconds = time.perf_counter() - start
     log.info(
-        "features@%s: %d backbone passes (one per unique image of train, val and test) -> %s in %.1f s "
-        "(%.1f images/s, %s, %s)",
-        backbone.name, info["images"], tuple(info["feature_shape"]), seconds,
-        info["images"] / seconds if seconds > 0 else 0.0, precision, where,
+        "features@%s: %d images (the unique images of train, val and test) -> %s in %.1f s: %d computed "
+        "(%.1f images/s, %s, %s), %d reused from %s",
+        backbone.name, info["images"], tuple(info["feature_shape"]), seconds, info["computed"],
+        info["computed"] / seconds if seconds > 0 else 0.0, precision, where, info["reused"],
+        features["cache"] or "no cache (features.cache: null)",
     )  # fmt: skip
 
 

@@ -39,16 +39,17 @@ def main() -> None:
     manifest = scan_folder(data["root"], options)
     manifest, conflicts = resolve_conflicts(manifest, data["label_conflicts"])
     classes = check_classes(manifest)
-    pairs = None
+    pairs, largest = None, None
     if data["near_duplicates"] != "off":
         start = time.perf_counter()
         pairs = near_duplicate_pairs(manifest, data["near_duplicate_distance"])
         searched = time.perf_counter() - start
-        grouping = ""
+        grouping, largest = "", None
         if data["near_duplicates"] == "group":
             manifest = group_near_duplicates(manifest, pairs)
             sizes = manifest[manifest.status == "ok"].groupby("group").size()
-            grouping = f"; {int((sizes > 1).sum())} groups of several files, the largest {int(sizes.max())}"
+            largest = int(sizes.max()) if len(sizes) else 0
+            grouping = f"; {int((sizes > 1).sum())} groups of several files, the largest {largest}"
         log.info(
             "prepare: %d near-duplicate pairs (perceptual hash distance <= %d; %d across labels) -> %s, "
             "found in %.1f s (data.near_duplicates=%s)%s",
@@ -81,6 +82,8 @@ def main() -> None:
     }
     if pairs is not None:
         metrics["near_duplicate_pairs"] = len(pairs)
+    if largest is not None:  # files in the largest near-copy group (with their exact copies): 1 when none
+        metrics["largest_group"] = largest
     if groups["by"] != "none":
         metrics["subjects"] = int(subjects.nunique())
     write_json(args.metrics, metrics)

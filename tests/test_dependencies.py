@@ -107,10 +107,13 @@ def test_features_does_not_depend_on_the_data_folder_balancing_or_the_head() -> 
 
 def test_features_tracks_every_features_key_that_shapes_the_numbers_but_not_where_the_pass_runs() -> None:
     """A features key added later must be tracked (or consciously left out here): engine and ray only say where
-    the pass runs; each backbone tracks its own precision override."""
+    the pass runs, cache only whether earlier outputs are reused (the same bytes: test_incremental.py); each
+    backbone tracks its own precision override."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     tracked = {p for p in stages()["features"]["do"]["params"] if isinstance(p, str) and p.startswith("features")}
-    expected = {f"features.{key}" for key in params["features"] if key not in ("engine", "ray", "precision_overrides")}
+    expected = {
+        f"features.{key}" for key in params["features"] if key not in ("engine", "ray", "cache", "precision_overrides")
+    }
     assert tracked == expected | {"features.precision_overrides.${item}"}
 
 

@@ -48,6 +48,7 @@ def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_p
     predict with MobileNet (float32) on Ray gives the local table; a worker that cannot read an image stops
     features@ with one line."""
     project = copy_of
+    # The local pass's outputs are in the cache, but not for Ray (its workers may be other machines): all 38 run.
     update_params(project, {"features.engine": "ray", "features.ray": RAY})
     result = features_stage(project, "ray_features")  # 38 images: two batches of up to 32, one per worker
     assert result.returncode == 0, result.stderr
@@ -56,7 +57,14 @@ def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_p
     assert np.array_equal(np.load(remote / "features.npy"), np.load(local / "features.npy"))
     for name in ("features.npy", "index.csv", "info.json", "extractor.keras"):
         assert (remote / name).read_bytes() == (local / name).read_bytes(), name
-    assert "bfloat16, ray at local, 2 workers)" in (project / "logs/imgclf.log").read_text()
+    passes = [line for line in (project / "logs/imgclf.log").read_text().splitlines() if " computed (" in line]
+    assert "38 computed (" in passes[-1] and "bfloat16, ray at local, 2 workers)" in passes[-1]
+    # Again on Ray: the workers' outputs are reused, nothing computed, no worker started, the same bytes.
+    assert features_stage(project, "ray_reused").returncode == 0
+    passes = [line for line in (project / "logs/imgclf.log").read_text().splitlines() if " computed (" in line]
+    assert ": 0 computed (" in passes[-1] and "38 reused" in passes[-1]
+    for name in ("features.npy", "index.csv", "info.json"):
+        assert (project / "ray_reused" / name).read_bytes() == (local / name).read_bytes(), name
     # Where the pass runs is not a dependency: switching the engine leaves features@ as it is.
     assert "features@" not in dvc(project, "status").stdout
 

@@ -89,12 +89,13 @@ def near_of(hashes: list[int], max_distance: int) -> NearDuplicates:
 
 
 def test_a_chain_of_small_steps_does_not_merge_into_one_group() -> None:
-    # 0 -> 1 -> 2 -> 3: each step flips 3 new bits, so neighbours are 3 apart, 0 and 2 are 6 apart
-    chain = [0, 0b111, 0b111111, 0b111111111]
+    # 0 -> 1 -> 2 -> 3 -> 4: each step flips 3 new bits, so neighbours are 3 apart and content 3 is 9 from 0
+    chain = [0, 0b111, 0b111111, 0b111111111, 0b111111111111]
     near = near_of(chain, 4)
-    assert len(near) == 3  # the three steps, no more
+    assert len(near) == 4  # the four steps, no more
     leaders = near_copy_leaders(len(chain), near)
-    assert leaders.tolist() == [0, 0, 2, 2]  # 1 joins 0; 2 is 6 from 0, leads; 3 joins 2
+    assert leaders.tolist() == [0, 0, 0, 3, 3]  # 1 and 2 within 8 of 0; 3 is 9 from 0: a group of its own
+    # (single linkage, a union of the four pairs, would make all five one group)
 
 
 def test_copies_of_one_image_share_its_group_whatever_their_order() -> None:
@@ -103,6 +104,13 @@ def test_copies_of_one_image_share_its_group_whatever_their_order() -> None:
     near = near_of([*copies, original], 4)
     leaders = near_copy_leaders(6, near)
     assert len(set(leaders.tolist())) == 1
+
+
+def test_two_copies_of_a_member_join_its_group_though_they_are_2d_apart() -> None:
+    """A copy that sorts first leads; the original joins it; a second copy, d from the original but 2d from the
+    first copy, still joins: direct copies of one scan are never split."""
+    near = near_of([0b1111, 0, 0b11110000], 4)  # a/000: copy 1, a/001: the original, a/002: copy 2
+    assert near_copy_leaders(3, near).tolist() == [0, 0, 0]
 
 
 def test_groups_are_the_smallest_sha256_and_exact_copies_follow() -> None:

@@ -84,8 +84,8 @@ def test_a_saved_model_runs_its_backbone_in_the_precision_it_was_built_in(tmp_pa
     import json
 
     from imgclf.core.io import save_keras
-    from imgclf.features.backbone_pass import compute_features
     from imgclf.features.device import model_precision
+    from imgclf.features.reuse import compute_features
     from imgclf.features.store import FeatureStore
     from imgclf.head.model import build_attention_head, build_end_to_end
     from imgclf.results.predict import Classifier
@@ -132,7 +132,8 @@ def test_bfloat16_on_a_cpu_without_bfloat16_units_warns(monkeypatch, caplog) -> 
 
 
 def test_features_that_underflow_or_overflow_stop_before_anything_is_written(tmp_path: Path) -> None:
-    from imgclf.features.backbone_pass import check_values, compute_features
+    from imgclf.features.backbone_pass import check_values
+    from imgclf.features.reuse import compute_features
 
     class Underflowing:  # an extractor whose activations all flush to zero (random-init MobileNet in float16)
         output = type("Tensor", (), {"shape": (None, 2, 2, 8)})()

@@ -70,7 +70,8 @@ def test_two_classes_with_spaces_and_accents_and_two_augmented_copies(tmp_path: 
     assert set(variants.sha256) == train_hashes
     assert not set(variants.sha256) & (set(splits["val"].sha256) | set(splits["test"].sha256))
     n = len(train_hashes)
-    assert f"augment@vgg16: {2 * n} backbone passes ({n} unique training images x 2 copies)" in result.stderr
+    assert f"augment@vgg16: {2 * n} variants ({n} unique training images x 2 copies)" in result.stderr
+    assert f"s: {2 * n} computed, 0 reused" in result.stderr
     assert (project / "plots/eda/augmented.png").stat().st_size > 1000
     assert read(project, "models/vgg16/info.json")["augment"]["copies"] == 2
     assert metrics["roc_auc_ovr_macro"] is not None  # the binary case: AUC of the positive class

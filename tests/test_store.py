@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf.features.store import FeatureBatches, RowReader
+from imgclf.features.rows import RowReader
+from imgclf.features.store import FeatureBatches
 
 
 def test_row_reader_returns_the_rows_asked_for_in_any_order_with_repeats(tmp_path: Path) -> None:
@@ -66,9 +67,9 @@ def test_row_reader_gathers_exactly_numpys_rows_straight_into_the_batch(
 ) -> None:
     """Against NumPy's own indexing of the file, over sorted, shuffled, repeated and sequential requests;
     with iov_max 3, runs longer than the kernel's buffer limit are read in several calls."""
-    import imgclf.features.store as store
+    import imgclf.features.rows as rows_module
 
-    monkeypatch.setattr(store, "IOV_MAX", iov_max)
+    monkeypatch.setattr(rows_module, "IOV_MAX", iov_max)
     rng = np.random.default_rng(1)
     array = rng.normal(size=(300, 2, 2, 3)).astype(np.float32)
     np.save(tmp_path / "f.npy", array)

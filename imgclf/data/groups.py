@@ -182,17 +182,21 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int) -> NearDupli
 
 
 def near_copy_leaders(count: int, near: NearDuplicates) -> np.ndarray:
-    """For each of `count` contents (in path order), the first one of its near-copy group: content i joins the
-    group of the first earlier leader within the distance (a leader is a content that joined none), else
-    leads its own. Every member is within the distance of its group's first member, so no chain of small
-    steps (a to b to c ...) merges unlike images into one large group, as single linkage (a union of all
-    pairs) can."""
+    """For each of `count` contents (in path order), the first content of its near-copy group.
+
+    Content b joins the group of its first earlier near-copy a (within the distance d) whose group's first
+    member is within 2d of b; otherwise b starts a group. So a copy joins its original's group even when the
+    original is itself a member (two copies of one scan, each d bits from it, are up to 2d apart), but every
+    member stays within 2d of the group's first: a chain of small steps (a to b to c ...) cannot merge unlike
+    images into one large group, as single linkage (a union of all pairs) can."""
     leader = np.arange(count)
+    hashes = np.array([int(h, 16) for h in near.contents.phash], dtype=np.uint64)
+    radius = 2 * near.max_distance
     later_first = np.lexsort((near.a, near.b))
     for a, b in zip(near.a[later_first].tolist(), near.b[later_first].tolist(), strict=True):
         # pairs by b, then a: when b's pairs come, every earlier content is settled
-        if leader[b] == b and leader[a] == a:
-            leader[b] = a
+        if leader[b] == b and int(np.bitwise_count(hashes[b] ^ hashes[leader[a]])) <= radius:
+            leader[b] = leader[a]
     return leader
 
 

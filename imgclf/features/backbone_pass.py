@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from imgclf.core.errors import UserError
-from imgclf.core.io import atomic_path, save_keras, write_csv, write_json
+from imgclf.core.io import atomic_path, write_csv, write_json
 from imgclf.core.logs import Progress
 from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe, try_load_image
 
@@ -92,67 +92,20 @@ def iter_features(
     """The extractor's outputs (B, h, w, C) float32 for `paths`, batch by batch, with progress reports."""
     with Progress(len(paths), desc) as progress:
         for batch in batches(paths, image_size, batch_size, recipe, transform, threads):
-            features = np.asarray(extractor.predict_on_batch(batch), dtype=np.float32)
+            features = predict_padded(extractor, batch, batch_size)
             progress.update(len(batch))
             yield features
 
 
-def compute_features(
-    extractor: Any,
-    images: pd.DataFrame,
-    root: str | Path,
-    out_dir: str | Path,
-    image_size: int,
-    batch_size: int,
-    info: dict[str, Any],
-    recipe: ImageRecipe = DEFAULT_RECIPE,
-    transform: Transform | None = None,
-    desc: str | None = None,
-    save_extractor: bool = True,
-    threads: int = 1,
-    engine: Engine | None = None,
-) -> dict[str, Any]:
-    """Write features.npy (N, h, w, C) float32, index.csv (sha256, path, row), info.json and the
-    extractor itself (extractor.keras: the end-to-end model must use the very backbone that made the
-    features, which matters with random init) into out_dir.
-
-    The directory appears complete or not at all (built under a temporary name, then moved). With
-    `transform`, image i is transformed after loading (augmented variants; see augment.py). With `engine`
-    (e.g. engine_ray.ray_engine), the pass runs elsewhere from the saved extractor: the same batches, the
-    same numbers.
-    """
-    shape = tuple(int(d) for d in extractor.output.shape[1:])
-    paths = [Path(root) / p for p in images.path]
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        # A plain .npy written batch by batch: resident memory stays one batch, whatever the dataset size
-        # (a writable memmap would keep every written page in the process's resident set).
-        with open(tmp / FEATURES_FILE, "wb") as f:
-            header = {"descr": "<f4", "fortran_order": False, "shape": (len(paths), *shape)}
-            np.lib.format.write_array_header_1_0(f, header)
-            desc = desc or f"features@{info.get('backbone', '')}"
-            if engine is not None:  # its workers load the saved extractor: save it first
-                if transform is not None or not save_extractor:
-                    raise ValueError("an engine runs features@'s pass only (augmented variants run locally)")
-                save_keras(extractor, tmp / EXTRACTOR_FILE)
-                outputs = engine(tmp / EXTRACTOR_FILE, paths, image_size, batch_size, recipe, desc)
-            else:
-                outputs = iter_features(extractor, paths, image_size, batch_size, recipe, desc, transform, threads)
-            nonfinite, nonzero = 0, 0
-            for features in outputs:
-                nonfinite += int(np.count_nonzero(~np.isfinite(features)))
-                nonzero += int(np.count_nonzero(features))
-                f.write(np.ascontiguousarray(features, dtype="<f4").tobytes())
-            check_values(desc, nonfinite, nonzero, len(paths), info.get("precision", "float32"))
-        write_csv(images.assign(row=np.arange(len(images))), tmp / INDEX_FILE)
-        info = {**info, "feature_shape": list(shape), "images": len(paths), "image_recipe": recipe.to_dict()}
-        write_json(tmp / INFO_FILE, info)
-        if save_extractor:
-            record = {k: info[k] for k in EXTRACTOR_KEYS if k in info}
-            write_json(tmp / EXTRACTOR_INFO_FILE, {**record, "feature_shape": list(shape)})
-            if engine is None:
-                save_keras(extractor, tmp / EXTRACTOR_FILE)
-    return info
+def predict_padded(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's outputs (float32) for a batch, run at the shape (batch_size, ...) whatever the batch's length:
+    a short last batch is padded with black images and their outputs dropped. The kernels TensorFlow picks (and
+    so the last bits of a float) depend on the batch shape, not on the other images in it, so each image's output
+    is the same in any batch (tests/test_incremental.py): what lets a pass reuse earlier outputs (cache.py)."""
+    count = len(batch)
+    if count < batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), dtype=batch.dtype)])
+    return np.asarray(model.predict_on_batch(batch), dtype=np.float32)[:count]
 
 
 def check_values(desc: str, nonfinite: int, nonzero: int, images: int, precision: str) -> None:

@@ -263,7 +263,9 @@ class BatchModel:
     paths, decoding them on the worker with the pipeline's own image loading. Subclasses change what is
     loaded and how an unreadable image is handled (predict_ray.py)."""
 
-    def __init__(self, model: list[Any], image_size: int, recipe: dict[str, Any], gpus: float = 0) -> None:
+    def __init__(
+        self, model: list[Any], image_size: int, recipe: dict[str, Any], gpus: float = 0, batch_size: int = 0
+    ) -> None:
         import ray
 
         from imgclf.core.repro import seed_everything
@@ -276,6 +278,7 @@ class BatchModel:
         self.image_size = image_size
         self.recipe = ImageRecipe.from_params(recipe)
         self.gpus = gpus
+        self.batch_size = batch_size  # every batch runs at this shape, as locally (backbone_pass.predict_padded)
 
     def check_device(self) -> None:
         """Once per worker, where the work runs: a worker given a GPU whose TensorFlow cannot see it would silently
@@ -309,8 +312,10 @@ class BatchModel:
         self.check_device()
         rows, outputs, errors = [], [], []
         for start, paths in zip(batch["start"], batch["paths"], strict=True):  # one item = one local batch
+            from imgclf.features.backbone_pass import predict_padded
+
             images, problems = zip(*(self.read(p) for p in paths), strict=True)
-            outputs.append(np.asarray(self.model.predict_on_batch(np.stack(images)), dtype=np.float32))
+            outputs.append(predict_padded(self.model, np.stack(images), max(self.batch_size, len(images))))
             rows.append(np.arange(start, start + len(paths)))
             errors += problems
         return {"row": np.concatenate(rows), "output": np.concatenate(outputs), "error": np.array(errors, dtype=str)}
@@ -361,6 +366,7 @@ def ray_batches(
             "image_size": image_size,
             "recipe": recipe.to_dict(),
             "gpus": options["gpus_per_worker"],
+            "batch_size": batch_size,
         },
         batch_size=1,  # one item: one batch of batch_size images
         batch_format="numpy",
