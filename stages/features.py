@@ -69,6 +69,10 @@ def main() -> None:
             recipe=ImageRecipe.from_params(params["data"]),
             engine=ray_engine(features["ray"]) if on_ray else None,
             cache=features["cache"],
+            # Ray workers' outputs are keyed by what they were given; their machines are not probed (README)
+            cache_record={"ray": {k: features["ray"][k] for k in ("address", "cpus_per_worker", "gpus_per_worker")}}
+            if on_ray
+            else None,
         )
     finally:
         if on_ray:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from imgclf.core.errors import log, stage_main
 from imgclf.core.io import write_csv, write_json
-from imgclf.data.groups import group_near_duplicates, near_duplicate_pairs, resolve_conflicts
+from imgclf.data.groups import group_near_duplicates, near_duplicate_pairs, pairs_apart, resolve_conflicts
 from imgclf.data.images import ImageRecipe
 from imgclf.data.scan import ScanOptions, check_classes, scan_folder, summary_line
 from imgclf.data.subjects import check_rule, join_groups, load_key, subject_keys
@@ -84,6 +84,12 @@ def main() -> None:
         metrics["near_duplicate_pairs"] = len(pairs)
     if largest is not None:  # files in the largest near-copy group (with their exact copies): 1 when none
         metrics["largest_group"] = largest
+        # pairs whose two files ended in different groups (after subjects joined), so possibly in two splits
+        metrics["near_duplicate_pairs_apart"] = pairs_apart(manifest, pairs)
+        log.info(
+            "prepare: %d of the %d near-duplicate pairs are in different groups (the grouping rule, README "
+            "\"Near-duplicates\"), so possibly in different splits", metrics["near_duplicate_pairs_apart"], len(pairs),
+        )  # fmt: skip
     if groups["by"] != "none":
         metrics["subjects"] = int(subjects.nunique())
     write_json(args.metrics, metrics)

@@ -85,6 +85,7 @@ def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_p
 
     victim = sorted((project / "images/ring").glob("*.png"))[0]
     victim.unlink()
+    shutil.rmtree(project / ".imgclf-cache")  # the workers must read it (a reused output is checked by the driver)
     result = features_stage(project, "ray_features_2")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]

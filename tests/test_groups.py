@@ -15,6 +15,7 @@ from imgclf.data.groups import (
     hamming_pairs_all,
     hash_bands,
     near_copy_leaders,
+    pairs_apart,
 )
 
 
@@ -108,7 +109,7 @@ def test_copies_of_one_image_share_its_group_whatever_their_order() -> None:
 
 def test_two_copies_of_a_member_join_its_group_though_they_are_2d_apart() -> None:
     """A copy that sorts first leads; the original joins it; a second copy, d from the original but 2d from the
-    first copy, still joins: direct copies of one scan are never split."""
+    first copy, still joins: two copies of a group's first image are not split."""
     near = near_of([0b1111, 0, 0b11110000], 4)  # a/000: copy 1, a/001: the original, a/002: copy 2
     assert near_copy_leaders(3, near).tolist() == [0, 0, 0]
 
@@ -135,3 +136,13 @@ def test_pairs_stream_to_the_same_csv_as_one_frame(tmp_path: Path) -> None:
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
     back = pd.read_csv(tmp_path / "chunked.csv", dtype=str)
     assert list(back.columns) == ["path_a", "path_b", "label_a", "label_b", "distance", "same_label"]
+
+
+def test_a_copy_of_a_member_far_from_the_first_is_counted_as_a_pair_apart() -> None:
+    """0xFF joined 0's group at 2d; its own copy 0xFFF is 3d from 0: a group of its own, and the pair is reported."""
+    near = near_of([0, 0xF, 0xFF, 0xFFF], 4)
+    assert near_copy_leaders(4, near).tolist() == [0, 0, 0, 3]
+    manifest = near.contents.assign(status="ok", group=near.contents.sha256)
+    grouped = group_near_duplicates(manifest, near)
+    assert pairs_apart(grouped, near) == 1  # (0xFF, 0xFFF): 4 bits apart, in two groups
+    assert pairs_apart(manifest, near) == len(near)  # ungrouped: every pair apart

@@ -146,9 +146,7 @@ def test_an_interrupted_pass_leaves_no_usable_shard(mobilenet: Any, tmp_path: Pa
     assert run(mobilenet, images.drop(index=4), root, tmp_path / "out", cache=cache)["computed"] == 5
 
 
-def test_a_damaged_shard_is_ignored_and_an_unusable_folder_is_one_line(
-    mobilenet: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_damaged_shard_is_ignored_and_an_unusable_folder_is_one_line(mobilenet: Any, tmp_path: Path) -> None:
     from imgclf.core.errors import UserError
 
     root = make_dataset(tmp_path / "images", {"a": 2, "b": 2}, size=40)
@@ -157,10 +155,21 @@ def test_a_damaged_shard_is_ignored_and_an_unusable_folder_is_one_line(
     run(mobilenet, images, root, tmp_path / "first", cache=cache)
     (shard,) = cache.rglob("*.npy")
     shard.write_bytes(shard.read_bytes()[:-100])  # cut short outside imgclf, its index still there
-    assert run(mobilenet, images, root, tmp_path / "second", cache=cache)["computed"] == 4
-    assert "ignoring the damaged shard" in caplog.text
+    assert run(mobilenet, images, root, tmp_path / "second", cache=cache)["computed"] == 4  # ignored, recomputed
     assert output_bytes(tmp_path / "second") == output_bytes(tmp_path / "first")
 
     (tmp_path / "a file").write_text("not a folder")
     with pytest.raises(UserError, match=r"features.cache=.*a file.* cannot hold the reusable outputs"):
         run(mobilenet, images, root, tmp_path / "third", cache=tmp_path / "a file")
+
+
+def test_a_reused_image_whose_file_is_gone_stops_as_a_pass_from_scratch_would(mobilenet: Any, tmp_path: Path) -> None:
+    from imgclf.core.errors import UserError
+
+    root = make_dataset(tmp_path / "images", {"a": 2, "b": 2}, size=40)
+    images = image_list(root)
+    cache = tmp_path / "cache"
+    run(mobilenet, images, root, tmp_path / "first", cache=cache)
+    (root / images.path[2]).unlink()
+    with pytest.raises(UserError, match=r"can no longer be read \(no such file; 1 listed images are missing\)"):
+        run(mobilenet, images, root, tmp_path / "second", cache=cache)

@@ -91,3 +91,26 @@ def test_row_reader_gathers_exactly_numpys_rows_straight_into_the_batch(
         np.testing.assert_array_equal(out[positions], expected[rows])
         untouched = np.setdiff1d(np.arange(len(out)), positions)
         assert np.isnan(out[untouched]).all()  # nothing written outside the positions asked for
+
+
+def test_short_reads_are_continued_until_every_row_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """preadv may read less than asked (a cap per call, network filesystems): the reader asks again."""
+    import os
+
+    array = np.random.default_rng(2).normal(size=(20, 3, 5)).astype(np.float32)
+    np.save(tmp_path / "f.npy", array)
+    real = os.preadv
+    calls = []
+
+    def stingy(fd: int, buffers: list, offset: int) -> int:  # at most 7 bytes a call, into the first buffer
+        calls.append(offset)
+        first = buffers[0]
+        data = os.pread(fd, min(7, len(first)), offset)
+        first[: len(data)] = data
+        return len(data)
+
+    monkeypatch.setattr(os, "preadv", stingy)
+    rows = np.array([3, 4, 5, 19, 0])
+    np.testing.assert_array_equal(RowReader(tmp_path / "f.npy")[rows], array[rows])
+    assert len(calls) > 5 * 60 / 7  # many calls, each continuing where the last stopped
+    monkeypatch.setattr(os, "preadv", real)

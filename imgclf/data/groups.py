@@ -202,7 +202,8 @@ def near_copy_leaders(count: int, near: NearDuplicates) -> np.ndarray:
 
 def group_near_duplicates(manifest: pd.DataFrame, near: NearDuplicates) -> pd.DataFrame:
     """Set `group` so that near-copies (and their exact copies) share one, by `near_copy_leaders`' rule: the
-    smallest sha256 of each group. Split keeps a group in one split, as it does an exact copy."""
+    smallest sha256 of each group. Split keeps a group in one split, as it does an exact copy (a pair whose
+    contents end in two groups may end in two splits: `pairs_apart` counts them)."""
     leaders = near_copy_leaders(len(near.contents), near)
     sha = near.contents.sha256.to_numpy()
     smallest = pd.Series(sha).groupby(leaders).transform("min").to_numpy()
@@ -211,6 +212,14 @@ def group_near_duplicates(manifest: pd.DataFrame, near: NearDuplicates) -> pd.Da
     ok = (manifest.status == "ok") & manifest.sha256.isin(group_of)
     manifest.loc[ok, "group"] = manifest.sha256[ok].map(group_of)
     return manifest
+
+
+def pairs_apart(manifest: pd.DataFrame, near: NearDuplicates) -> int:
+    """How many near-duplicate pairs have their two contents in different groups of `manifest`."""
+    ok = manifest[manifest.status == "ok"]
+    group_of = dict(zip(ok.sha256, ok.group, strict=False))
+    groups = near.contents.sha256.map(group_of).to_numpy()
+    return int(np.count_nonzero(groups[near.a] != groups[near.b]))
 
 
 def union_groups(manifest: pd.DataFrame, links: pd.DataFrame) -> pd.DataFrame:

@@ -76,7 +76,8 @@ CODE_MODULES = {
 CODE_MODULES["augment"] = (*CODE_MODULES["features"], "imgclf.data.augment")
 ENGINE_MODULES = ("imgclf.features.engine_ray",)  # the workers' decoding and padding
 DECODERS = ("pillow", "pydicom", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg")
-SWITCHES = ("TF_ENABLE_ONEDNN_OPTS", "TF_XLA_FLAGS", "TF_DETERMINISTIC_OPS", "OMP_NUM_THREADS")
+SWITCHES = ("TF_ENABLE_ONEDNN_OPTS", "TF_XLA_FLAGS", "TF_DETERMINISTIC_OPS", "OMP_NUM_THREADS",
+            "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")  # fmt: skip
 
 
 def model_digest(model: Any) -> str:
@@ -135,10 +136,9 @@ class OutputCache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             key_file = self.directory / "key.json"
-            if not key_file.is_file():
-                tmp = key_file.with_name(f".{uuid.uuid4().hex}.tmp")
-                tmp.write_text(json.dumps(record, sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
-                os.replace(tmp, key_file)
+            tmp = key_file.with_name(f".{uuid.uuid4().hex}.tmp")  # also proves the folder writable
+            tmp.write_text(json.dumps(record, sort_keys=True, indent=1, default=str) + "\n", encoding="utf-8")
+            os.replace(tmp, key_file)
         except OSError as exc:
             raise UserError(
                 f"features.cache={str(root)!r} cannot hold the reusable outputs ({exc.strerror or exc}): set a "
@@ -160,7 +160,7 @@ class OutputCache:
                 len(reader) == len(items) and shard.stat().st_size == reader.offset + len(items) * reader.row_bytes
             )
             reader.close()
-        except (OSError, ValueError, AttributeError, pd.errors.ParserError) as exc:
+        except (OSError, ValueError, IndexError, AttributeError, pd.errors.ParserError) as exc:
             complete, items = False, []
             reason = str(exc)
         else:
@@ -265,7 +265,7 @@ def compute_features(
                 "batch_size": batch_size,  # the shape every batch runs at
                 "recipe": recipe.to_dict(),
                 "engine": "this process" if engine is None else "ray",  # Ray workers may be other machines
-                "machine": machine_record(),  # with Ray, the driver's: the workers' bits stay under "ray"
+                "machine": machine_record(),  # with Ray the driver's: the workers' are not probed (README)
                 "code": code_digest(modules),
             })  # fmt: skip
         todo, seen = [], set()  # the first row of each item without a stored output
@@ -273,6 +273,12 @@ def compute_features(
             if item not in store and item not in seen:
                 seen.add(item)
                 todo.append(i)
+        gone = [path for path, item in zip(paths, items, strict=True) if item in store and not path.is_file()]
+        if gone:  # a pass from scratch would stop on it (load_or_stop): so does one that reuses its output
+            raise UserError(
+                f"{gone[0]} can no longer be read (no such file; {len(gone)} listed images are missing); it was "
+                "readable when prepare scanned data.root. Restore the file, or rerun prepare (`dvc repro -f prepare`)"
+            )
         if todo:
             if engine is not None:  # its workers load the saved extractor: save it first
                 save_keras(extractor, tmp / EXTRACTOR_FILE)
