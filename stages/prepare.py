@@ -44,7 +44,7 @@ def main() -> None:
         start = time.perf_counter()
         pairs = near_duplicate_pairs(manifest, data["near_duplicate_distance"])
         searched = time.perf_counter() - start
-        grouping, largest = "", None
+        grouping = ""
         if data["near_duplicates"] == "group":
             manifest = group_near_duplicates(manifest, pairs)
             sizes = manifest[manifest.status == "ok"].groupby("group").size()

@@ -79,14 +79,14 @@ def contents_of(hashes: list[int]) -> pd.DataFrame:
             "path": [f"a/{i:03d}.png" for i in range(len(hashes))],
             "label": "a",
             "sha256": [f"{9 - i:064d}" for i in range(len(hashes))],  # the later, the smaller
-            "phash": [f"{h:016x}" for h in hashes],
         }
     )
 
 
 def near_of(hashes: list[int], max_distance: int) -> NearDuplicates:
-    a, b, distance = hamming_pairs(np.array(hashes, dtype=np.uint64), max_distance)
-    return NearDuplicates(contents_of(hashes), a, b, distance, max_distance)
+    values = np.array(hashes, dtype=np.uint64)
+    a, b, distance = hamming_pairs(values, max_distance)
+    return NearDuplicates(contents_of(hashes), values, a, b, distance, max_distance)
 
 
 def test_a_chain_of_small_steps_does_not_merge_into_one_group() -> None:

@@ -129,11 +129,13 @@ def hamming_pairs_all(hashes: np.ndarray, max_distance: int, block_cells: int = 
 class NearDuplicates:
     """Pairs of distinct kept contents whose perceptual hashes are at most `max_distance` bits apart.
 
-    `contents` holds one row per content (path, label, sha256, phash: its first path by name), and a pair is two
-    row numbers a < b of it with their distance: arrays, not Python objects, so a million images with many
-    pairs stay small. `write_csv` streams them out (near_duplicates.csv, sorted by path_a, path_b)."""
+    `contents` holds one row per content (path, label, sha256: its first path by name) and `hashes` their 64-bit
+    perceptual hashes; a pair is two row numbers a < b of it with their distance: arrays, not Python objects, so
+    a million images with many pairs stay small. `write_csv` streams them out (near_duplicates.csv, sorted by
+    path_a, path_b)."""
 
     contents: pd.DataFrame
+    hashes: np.ndarray
     a: np.ndarray
     b: np.ndarray
     distance: np.ndarray
@@ -174,11 +176,10 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int) -> NearDupli
     of 64 bits, one per pair of distinct contents (the first path of each, by name), with the distance."""
     ok = manifest[(manifest.status == "ok") & (manifest.phash != "")]
     contents = ok.sort_values("path").drop_duplicates("sha256").reset_index(drop=True)
-    contents = contents[["path", "label", "sha256", "phash"]]
     hashes = np.array([int(h, 16) for h in contents.phash], dtype=np.uint64)
     a, b, distance = hamming_pairs(hashes, max_distance)
     # contents are sorted by path, so a < b is path_a < path_b and the pairs come sorted by (path_a, path_b)
-    return NearDuplicates(contents, a, b, distance, max_distance)
+    return NearDuplicates(contents[["path", "label", "sha256"]], hashes, a, b, distance, max_distance)
 
 
 def near_copy_leaders(count: int, near: NearDuplicates) -> np.ndarray:
@@ -190,7 +191,7 @@ def near_copy_leaders(count: int, near: NearDuplicates) -> np.ndarray:
     member stays within 2d of the group's first: a chain of small steps (a to b to c ...) cannot merge unlike
     images into one large group, as single linkage (a union of all pairs) can."""
     leader = np.arange(count)
-    hashes = np.array([int(h, 16) for h in near.contents.phash], dtype=np.uint64)
+    hashes = near.hashes
     radius = 2 * near.max_distance
     later_first = np.lexsort((near.a, near.b))
     for a, b in zip(near.a[later_first].tolist(), near.b[later_first].tolist(), strict=True):

@@ -13,13 +13,13 @@ backbone at one shape (backbone_pass.predict_padded).
                                                    last, after the .npy is on disk, so a shard without its
                                                    .csv is an interrupted pass, and ignored
 
-The key (`OutputCache.record`) is a SHA-256 of: the extractor's architecture and every weight's bytes
-(backbone, weights, image size, precision, preprocessing), the image recipe, the batch shape, the engine
-(this process or Ray workers), the augmentation strengths and seed (augment@), the machine in the terms that
-decide the bits (CPU vendor and flags, GPU models, the threads this process may use, TensorFlow's oneDNN and XLA
-switches; TensorFlow, Keras, NumPy, Pillow, pydicom and pylibjpeg versions), a format version, and the source
-of the modules that turn a file into an output (`CODE_MODULES`). Anything else changing gives a new key: nothing
-is reused.
+The key (a SHA-256 of the record each OutputCache is opened with) covers: the extractor's architecture and
+every weight's bytes (backbone, weights, image size, precision, preprocessing), the image recipe, the batch
+shape, the engine (this process or Ray workers), the augmentation strengths and seed (augment@), the machine
+in the terms that decide the bits (CPU vendor and flags, GPU models, the threads this process may use,
+TensorFlow's oneDNN and XLA switches; TensorFlow, Keras, NumPy, Pillow, pydicom and pylibjpeg versions), a
+format version, and the source of the modules that turn a file into an output (`CODE_MODULES`). Anything else
+changing gives a new key: nothing is reused.
 
 Why not DVC's `persist`: a persisted output turns off DVC's run cache for its stage and keeps only the last
 pass, so switching back to an earlier image size would recompute every image. Why not DVC's own cache: its
@@ -37,6 +37,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,6 @@ class OutputCache:
     new outputs, `read` reads them back in any order."""
 
     def __init__(self, root: str | Path, kind: str, record: dict[str, Any]) -> None:
-        self.record = record
         key = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
         self.directory = Path(root).expanduser() / kind / key
         try:
@@ -249,11 +249,13 @@ def compute_features(
     if engine is not None and (transform is not None or not save_extractor):
         raise ValueError("an engine runs features@'s pass only (augmented variants run locally)")
     kind = "augment" if transform is not None else "features"
-    # The scratch folder's name matches atomic_path's leftovers pattern: a killed pass's is removed next time.
+    # Without a cache, a store for this pass only (its key does not matter), named to match atomic_path's
+    # leftovers pattern: a killed pass's is removed next time.
     scratch_name = {"prefix": ".tmp-", "suffix": f"-{Path(out_dir).name}", "dir": Path(out_dir).parent}
-    with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory(**scratch_name) as scratch:
+    scratch_store = tempfile.TemporaryDirectory(**scratch_name) if cache is None else nullcontext("")
+    with atomic_path(out_dir) as tmp, scratch_store as scratch:
         tmp.mkdir(parents=True)
-        if cache is None:  # a store for this pass only; its key does not matter
+        if cache is None:
             store = OutputCache(scratch, kind, {})
         else:
             modules = CODE_MODULES[kind] + (ENGINE_MODULES if engine is not None else ())
