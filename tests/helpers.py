@@ -41,20 +41,29 @@ TINY = {
 }
 
 
-def shape_image(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A (size, size) uint8 image whose class is visible: 0 horizontal bar, 1 vertical bar, 2 square, 3 ring."""
+def shape_image(kind: int, size: int, rng: np.random.Generator, vary: bool = False) -> np.ndarray:
+    """A (size, size) uint8 image whose class is visible: 0 horizontal bar, 1 vertical bar, 2 square, 3 ring.
+    By default a class's images differ only in noise, brightness and a 2-pixel shift, so most of them are
+    near-copies by perceptual hash (one group); `vary` draws position, width and radius over a wide range, so
+    nearly every image is its own group, as in a real dataset."""
     img = rng.integers(0, 40, size=(size, size)).astype(np.uint8)
-    c, w = size // 2 + rng.integers(-2, 3), max(2, size // 6)
     yy, xx = np.mgrid[:size, :size]
-    if kind == 0:
-        mask = np.abs(yy - c) < w
-    elif kind == 1:
-        mask = np.abs(xx - c) < w
-    elif kind == 2:
-        mask = (np.abs(yy - c) < 2 * w) & (np.abs(xx - c) < 2 * w)
+    if vary:
+        cy, cx = rng.integers(size // 4, 3 * size // 4 + 1, size=2)
+        w = int(rng.integers(max(2, size // 10), max(3, size // 5) + 1))
+        radius = rng.uniform(size / 6, size / 3.5)
     else:
-        r = np.hypot(yy - c, xx - c)
-        mask = (r > size / 4) & (r < size / 4 + w)
+        cy = cx = size // 2 + rng.integers(-2, 3)
+        w, radius = max(2, size // 6), size / 4
+    if kind == 0:
+        mask = np.abs(yy - cy) < w
+    elif kind == 1:
+        mask = np.abs(xx - cx) < w
+    elif kind == 2:
+        mask = (np.abs(yy - cy) < 2 * w) & (np.abs(xx - cx) < 2 * w)
+    else:
+        r = np.hypot(yy - cy, xx - cx)
+        mask = (r > radius) & (r < radius + w)
     img[mask] = 200 + rng.integers(0, 55)
     return img
 
@@ -65,14 +74,16 @@ def make_dataset(
     size: int = 32,
     seed: int = 0,
     rgb: bool = False,
+    vary: bool = False,
 ) -> Path:
-    """Write a folder of class sub-folders of PNGs whose classes are learnable (bars, squares, rings)."""
+    """Write a folder of class sub-folders of PNGs whose classes are learnable (bars, squares, rings); `vary`:
+    see shape_image."""
     rng = np.random.default_rng(seed)
     for kind, (label, n) in enumerate(counts.items()):
         folder = root / label
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            img = shape_image(kind % 4, size, rng)
+            img = shape_image(kind % 4, size, rng, vary)
             im = Image.fromarray(np.stack([img] * 3, axis=-1) if rgb else img)
             im.save(folder / f"{label}_{i:03d}.png")
     return root
