@@ -1,9 +1,9 @@
-"""Run the frozen backbone once per unique image and stream the feature maps to disk.
+"""The backbone pass's building blocks: decode images in batches, run the frozen backbone on them, check values.
 
 With the backbone frozen and no random augmentation before it, every epoch would recompute the same
-numbers; here each unique file (by content hash) goes through the backbone exactly once, even when
-oversampling repeats it. Memory is bounded by one batch: features are appended to a .npy file as
-they come, and the next batch is decoded in a background thread while the backbone runs.
+numbers; so each unique file (by content hash) goes through the backbone exactly once, even when
+oversampling repeats it. Memory is bounded by one batch: the next batch is decoded in a background thread
+while the backbone runs, and the caller (reuse.compute_features) stores each batch's outputs as they come.
 
 Everything written is a function of the images, the params and the code: no timing, no date (the
 stage's log line and the run log carry the timing), so an identical rerun gives identical bytes.
@@ -101,7 +101,7 @@ def predict_padded(model: Any, batch: np.ndarray, batch_size: int) -> np.ndarray
     """The model's outputs (float32) for a batch, run at the shape (batch_size, ...) whatever the batch's length:
     a short last batch is padded with black images and their outputs dropped. The kernels TensorFlow picks (and
     so the last bits of a float) depend on the batch shape, not on the other images in it, so each image's output
-    is the same in any batch (tests/test_incremental.py): what lets a pass reuse earlier outputs (cache.py)."""
+    is the same in any batch (tests/test_incremental.py): what lets a pass reuse earlier outputs (reuse.py)."""
     count = len(batch)
     if count < batch_size:
         batch = np.concatenate([batch, np.zeros((batch_size - count, *batch.shape[1:]), dtype=batch.dtype)])

@@ -4,7 +4,7 @@ Rows are read with positional reads (`os.preadv`), not through a memory map: pag
 that a process has touched count in its resident memory, so an epoch over a 20 GB feature file would grow it
 to 20 GB; here resident memory stays a batch, and the operating system's page cache (which is not the
 process's and is given back under pressure) keeps the hot rows fast. No Keras or TensorFlow here: the backbone
-pass's output cache (cache.py) reads with it too.
+pass's output cache (reuse.py) reads with it too.
 """
 
 from __future__ import annotations
