@@ -222,11 +222,12 @@ def test_misfiled_images_are_found_among_the_top_suspects(tmp_path: Path) -> Non
     # Exact, on any CPU: each listed row is its folder, the most probable class of its out-of-fold row and its
     # probability of the given class, in increasing order of that probability.
     oof = read_csv(project / "plots/cv/mobilenet/oof.csv").set_index("path").loc[issues.path]
-    probs = oof[[f"p_{c}" for c in sorted(labels)]].astype(float).to_numpy()
+    classes = sorted(labels)  # the probability columns' order
+    probs = oof[[f"p_{c}" for c in classes]].astype(float).to_numpy()
     assert list(issues.given) == list(oof.label) == [p.split("/")[0] for p in issues.path]
-    assert list(issues.suggested) == [sorted(labels)[j] for j in probs.argmax(axis=1)]
+    assert list(issues.suggested) == [classes[j] for j in probs.argmax(axis=1)]
     assert (issues.suggested != issues.given).all()
-    given = probs[np.arange(len(probs)), [sorted(labels).index(g) for g in issues.given]]
+    given = probs[np.arange(len(probs)), [classes.index(g) for g in issues.given]]
     np.testing.assert_allclose(issues.score.astype(float), given / probs.sum(axis=1), atol=1e-6)
     assert issues.score.astype(float).is_monotonic_increasing
     # Statistical, as a sanity check: a random pick among the three other classes is right a third of the time.
