@@ -3,14 +3,22 @@ its results were recorded in dvc.lock. Missing outputs are fine (a fresh clone h
 dependency is not: it means the committed results were not produced by the committed code, and a fresh clone's
 `dvc repro` would silently replace them.
 
-    python -m imgclf.lockcheck        # exit 1 and one line per stale stage, 0 when consistent
+    python -m imgclf.lockcheck              # the last commit, as a fresh clone sees it; exit 1 and one line
+                                            # per stale stage, 0 when consistent
+    python -m imgclf.lockcheck --workspace  # this working tree, local runs and edits included
+
+The committed check reads a clone of HEAD (no DVC outputs, no uncommitted edit), so outputs regenerated on
+another CPU type, a `git checkout .` after a local run, or an edit not yet committed do not count: only what a
+fresh clone would see does.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +85,35 @@ def check(root: Path) -> dict[str, list[str]]:
     return stale_stages(dvc_status(root), produced_paths(root))
 
 
-def main() -> int:
+def check_committed(root: Path) -> dict[str, list[str]]:
+    """The stale stages of the last commit of the git repository at `root`, as a fresh clone of it sees them
+    (a local clone of HEAD into a temporary folder: committed files only, no DVC outputs)."""
+    with tempfile.TemporaryDirectory(prefix="imgclf-lockcheck-") as tmp:
+        clone = Path(tmp) / "clone"
+        done = subprocess.run(
+            ["git", "clone", "-q", "--shared", "--no-checkout", str(root), str(clone)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode == 0:
+            head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+            done = subprocess.run(
+                ["git", "-C", str(clone), "checkout", "-q", "--detach", head.stdout.strip()],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            raise UserError(
+                f"cannot read the last commit of {root} ({lines[-1]}); in a folder without git history use --workspace"
+            )
+        return check(clone)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Is the committed state consistent? (dvc.lock against the code)")
+    parser.add_argument("--workspace", action="store_true", help="check this working tree instead of HEAD")
+    args = parser.parse_args(argv)
     try:
-        stale = check(Path.cwd())
+        stale = check(Path.cwd()) if args.workspace else check_committed(Path.cwd())
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT

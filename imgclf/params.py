@@ -55,6 +55,7 @@ SCHEMA: dict[str, Any] = {
         "label_conflicts": ("skip", "majority"),
         "near_duplicates": ("group", "report", "off"),
         "near_duplicate_distance": "nonnegint",
+        "near_duplicate_correlation": "fraction",
         "dicom_window": DICOM_WINDOWS,
         "dicom_frame": "frame",
         "groups": {

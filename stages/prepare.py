@@ -11,7 +11,13 @@ import pandas as pd
 
 from imgclf.core.errors import log, stage_main
 from imgclf.core.io import write_csv, write_json
-from imgclf.data.groups import group_near_duplicates, near_duplicate_pairs, pairs_apart, resolve_conflicts
+from imgclf.data.groups import (
+    chance_pairs,
+    group_confirmed,
+    linked_splits,
+    near_duplicate_pairs,
+    resolve_conflicts,
+)
 from imgclf.data.images import ImageRecipe
 from imgclf.data.scan import ScanOptions, check_classes, scan_folder, summary_line
 from imgclf.data.subjects import check_rule, join_groups, load_key, subject_keys
@@ -36,27 +42,35 @@ def main() -> None:
     groups = data["groups"]
     check_rule(data["root"], groups)
     key = load_key() if groups["by"] != "none" else b""
-    manifest = scan_folder(data["root"], options)
+    thumbnails: dict = {}
+    manifest = scan_folder(data["root"], options, thumbnails)
     manifest, conflicts = resolve_conflicts(manifest, data["label_conflicts"])
     classes = check_classes(manifest)
-    pairs, largest = None, None
+    pairs, subjects, chance = None, None, 0.0
     if data["near_duplicates"] != "off":
         start = time.perf_counter()
-        pairs = near_duplicate_pairs(manifest, data["near_duplicate_distance"])
+        pairs = near_duplicate_pairs(
+            manifest, data["near_duplicate_distance"], thumbnails, data["near_duplicate_correlation"]
+        )
         searched = time.perf_counter() - start
-        grouping = ""
-        if data["near_duplicates"] == "group":
-            manifest = group_near_duplicates(manifest, pairs)
-            sizes = manifest[manifest.status == "ok"].groupby("group").size()
-            largest = int(sizes.max()) if len(sizes) else 0
-            grouping = f"; {int((sizes > 1).sum())} groups of several files, the largest {largest}"
+        chance = chance_pairs(pairs.hashes, data["near_duplicate_distance"])
+        confirmed = int(pairs.confirmed.sum())
         log.info(
-            "prepare: %d near-duplicate pairs (perceptual hash distance <= %d; %d across labels) -> %s, "
-            "found in %.1f s (data.near_duplicates=%s)%s",
-            len(pairs), data["near_duplicate_distance"], pairs.across_labels(),
-            args.out_dir / "near_duplicates.csv", searched, data["near_duplicates"], grouping,
+            "prepare: %d near-duplicate candidates (perceptual hash distance <= %d; about %.0f expected by chance "
+            "alone from random pairs of these images' hashes), %d confirmed (thumbnail correlation >= %s; %d "
+            "across labels), %d rejected -> %s, in %.1f s",
+            len(pairs), data["near_duplicate_distance"], chance, confirmed, data["near_duplicate_correlation"],
+            pairs.across_labels(), len(pairs) - confirmed, args.out_dir / "near_duplicates.csv", searched,
         )  # fmt: skip
+        if chance > 0.5 * len(pairs) and len(pairs) > 10:
+            log.warning(
+                "prepare: most near-duplicate candidates are what chance alone gives on these images: the hash "
+                "cannot tell them apart, and the thumbnail confirmation decides (rejected pairs are listed in %s)",
+                args.out_dir / "near_duplicates.csv",
+            )
         pairs.write_csv(args.out_dir / "near_duplicates.csv")
+        if data["near_duplicates"] == "group":
+            manifest = group_confirmed(manifest, pairs)
     if groups["by"] != "none":
         # Subjects (patients) join the content groups; no output holds them (imgclf/data/subjects.py).
         subjects = subject_keys(manifest, data["root"], groups, key)
@@ -69,6 +83,19 @@ def main() -> None:
         )  # fmt: skip
         # For the data steward only (which files are patient X's?): git-ignored, no DVC output (see subjects.py).
         write_csv(pd.DataFrame({"path": kept_rows.path, "subject": subjects}), SUBJECTS_TABLE)
+    # The provided test/validation folders each kept row is linked to (same content, a confirmed near-copy with
+    # data.near_duplicates: group, the same subject): split holds such rows out, pair by pair.
+    grouped = pairs if data["near_duplicates"] == "group" else None
+    manifest["linked_to"] = ""
+    ok = manifest.status == "ok"
+    manifest.loc[ok, "linked_to"] = linked_splits(manifest, grouped, subjects)
+    sizes = manifest[ok].groupby("group").size()
+    largest = int(sizes.max()) if len(sizes) else 0
+    if len(sizes) and largest > 1:
+        log.info(
+            "prepare: %d groups of several files (copies, confirmed near-copies%s), the largest %d",
+            int((sizes > 1).sum()), ", subjects" if subjects is not None else "", largest,
+        )  # fmt: skip
 
     write_csv(manifest, args.out_dir / "manifest.csv")
     write_csv(conflicts, args.out_dir / "label_conflicts.csv")
@@ -81,15 +108,12 @@ def main() -> None:
         "label_conflict_files": len(conflicts),
     }
     if pairs is not None:
-        metrics["near_duplicate_pairs"] = len(pairs)
-    if largest is not None:  # files in the largest near-copy group (with their exact copies): 1 when none
-        metrics["largest_group"] = largest
-        # pairs whose two files ended in different groups (after subjects joined), so possibly in two splits
-        metrics["near_duplicate_pairs_apart"] = pairs_apart(manifest, pairs)
-        log.info(
-            "prepare: %d of the %d near-duplicate pairs are in different groups (the grouping rule, README "
-            "\"Near-duplicates\"), so possibly in different splits", metrics["near_duplicate_pairs_apart"], len(pairs),
-        )  # fmt: skip
+        metrics["near_duplicate_candidates"] = len(pairs)
+        metrics["near_duplicate_confirmed"] = int(pairs.confirmed.sum())
+        metrics["near_duplicate_rejected"] = len(pairs) - metrics["near_duplicate_confirmed"]
+        metrics["near_duplicate_chance"] = round(chance, 1)  # candidates expected from chance alone
+    # files in the largest group (copies, confirmed near-copies, a subject's files): 1 when none
+    metrics["largest_group"] = largest
     if groups["by"] != "none":
         metrics["subjects"] = int(subjects.nunique())
     write_json(args.metrics, metrics)

@@ -41,8 +41,8 @@ def main() -> None:
     if len(spanning):
         log.warning(
             "split: %d group(s) (a subject, or copies) have images in more than one provided split folder (%d "
-            "images, e.g. %s); the provided test and validation folders stay as given, and the group's other "
-            "images are held out",
+            "images, e.g. %s); the provided test and validation folders stay as given, and the group's images "
+            "linked to them (copies, confirmed near-copies, the same subject) are held out",
             group_key(spanning).nunique(), len(spanning), spanning.path.iloc[0],
         )  # fmt: skip
     held = held_out(manifest, splits)

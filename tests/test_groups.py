@@ -1,4 +1,5 @@
-"""Near-duplicate search (multi-index hashing) against all pairs, and the near-copy grouping rule."""
+"""Near-duplicate search (multi-index hashing) against all pairs, the confirmation score, and groups as the union
+of confirmed pairs."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import pytest
 
 from imgclf.data.groups import (
     NearDuplicates,
-    group_near_duplicates,
+    chance_pairs,
+    group_confirmed,
     hamming_pairs,
     hamming_pairs_all,
     hash_bands,
-    near_copy_leaders,
+    linked_splits,
     pairs_apart,
+    thumbnail_correlation,
 )
 
 
@@ -83,46 +86,96 @@ def contents_of(hashes: list[int]) -> pd.DataFrame:
     )
 
 
-def near_of(hashes: list[int], max_distance: int) -> NearDuplicates:
+def near_of(hashes: list[int], max_distance: int, unconfirmed: tuple[tuple[int, int], ...] = ()) -> NearDuplicates:
+    """Candidates of these hashes, every one confirmed (score 1.0) except the (a, b) pairs in `unconfirmed`."""
     values = np.array(hashes, dtype=np.uint64)
     a, b, distance = hamming_pairs(values, max_distance)
-    return NearDuplicates(contents_of(hashes), values, a, b, distance, max_distance)
+    score = np.array([0.5 if (i, j) in unconfirmed else 1.0 for i, j in zip(a.tolist(), b.tolist(), strict=True)])
+    return NearDuplicates(contents_of(hashes), values, a, b, distance, score, max_distance, 0.99)
 
 
-def test_a_chain_of_small_steps_does_not_merge_into_one_group() -> None:
-    # 0 -> 1 -> 2 -> 3 -> 4: each step flips 3 new bits, so neighbours are 3 apart and content 3 is 9 from 0
+def test_groups_are_the_union_of_confirmed_pairs_only() -> None:
+    # 0 - 1 - 2 - 3 - 4: each step 3 new bits; every step confirmed but 2-3: {0, 1, 2} and {3, 4}
     chain = [0, 0b111, 0b111111, 0b111111111, 0b111111111111]
-    near = near_of(chain, 4)
-    assert len(near) == 4  # the four steps, no more
-    leaders = near_copy_leaders(len(chain), near)
-    assert leaders.tolist() == [0, 0, 0, 3, 3]  # 1 and 2 within 8 of 0; 3 is 9 from 0: a group of its own
-    # (single linkage, a union of the four pairs, would make all five one group)
+    near = near_of(chain, 4, unconfirmed=((2, 3),))
+    assert len(near) == 4 and near.confirmed.tolist() == [True, True, False, True]
+    manifest = near.contents.assign(status="ok", group=near.contents.sha256)
+    grouped = group_confirmed(manifest, near).group.tolist()
+    sha = near.contents.sha256
+    assert grouped == [sha[2]] * 3 + [sha[4]] * 2  # each group named by its smallest sha256 (the later, smaller)
+    assert pairs_apart(grouped_frame := group_confirmed(manifest, near), near) == 0
+    assert pairs_apart(manifest, near) == 3  # ungrouped: every confirmed pair apart, the rejected one not counted
+    assert grouped_frame.path.tolist() == manifest.path.tolist()
 
 
-def test_copies_of_one_image_share_its_group_whatever_their_order() -> None:
-    original = 0xF0F0F0F0F0F0F0F0
-    copies = [original ^ (1 << bit) ^ (1 << (bit + 20)) for bit in range(5)]  # each 2 from it, up to 4 apart
-    near = near_of([*copies, original], 4)
-    leaders = near_copy_leaders(6, near)
-    assert len(set(leaders.tolist())) == 1
+def test_groups_do_not_depend_on_names_or_order() -> None:
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 2**64, 40, dtype=np.uint64, endpoint=False)
+    hashes = np.concatenate([base, base ^ np.uint64(0b101), base[:10] ^ np.uint64(0b11 << 30)]).tolist()
+    reference = None
+    for trial in range(6):
+        order = rng.permutation(len(hashes)) if trial else np.arange(len(hashes))
+        shuffled = [hashes[i] for i in order]
+        near = near_of(shuffled, 4)
+        contents = near.contents.assign(sha256=[f"{i:064d}" for i in order])  # content follows the image
+        near.contents = contents
+        grouped = group_confirmed(contents.assign(status="ok", group=contents.sha256), near)
+        groups = frozenset(frozenset(g.sha256) for _, g in grouped.groupby("group"))
+        reference = reference or groups
+        assert groups == reference
+    assert max(len(g) for g in reference) == 3  # base, its copy and the second copy of the first ten
 
 
-def test_two_copies_of_a_member_join_its_group_though_they_are_2d_apart() -> None:
-    """A copy that sorts first leads; the original joins it; a second copy, d from the original but 2d from the
-    first copy, still joins: two copies of a group's first image are not split."""
-    near = near_of([0b1111, 0, 0b11110000], 4)  # a/000: copy 1, a/001: the original, a/002: copy 2
-    assert near_copy_leaders(3, near).tolist() == [0, 0, 0]
-
-
-def test_groups_are_the_smallest_sha256_and_exact_copies_follow() -> None:
+def test_exact_copies_follow_their_content_into_its_group() -> None:
     hashes = [0, 0b1, 0xFFFF << 40]
     near = near_of(hashes, 4)
     contents = near.contents
     manifest = pd.concat([contents, contents.iloc[[1]].assign(path="b/copy_of_001.png", label="a")])
     manifest = manifest.assign(status="ok", group=manifest.sha256)
-    grouped = group_near_duplicates(manifest, near).set_index("path").group
+    grouped = group_confirmed(manifest, near).set_index("path").group
     assert grouped["a/000.png"] == grouped["a/001.png"] == grouped["b/copy_of_001.png"] == contents.sha256[1]
     assert grouped["a/002.png"] == contents.sha256[2]
+
+
+def test_the_score_is_the_exact_pearson_correlation_and_ignores_brightness_and_contrast() -> None:
+    rng = np.random.default_rng(1)
+    thumbs = rng.integers(0, 256, (6, 32, 32)).astype(np.uint8)
+    thumbs[1] = np.clip(thumbs[0].astype(int) // 2 + 40, 0, 255)  # darker, less contrast: a linear change
+    thumbs[3] = 7  # flat
+    thumbs[4] = 7  # flat, the same value
+    thumbs[5] = 9  # flat, another value
+    a, b = np.array([0, 0, 0, 3, 3, 2]), np.array([1, 2, 3, 4, 5, 2])
+    score = thumbnail_correlation(thumbs, a, b, chunk=4)
+    assert score[0] == pytest.approx(np.corrcoef(thumbs[0].ravel(), thumbs[1].ravel())[0, 1], abs=1e-12)
+    assert score[0] > 0.999
+    assert score[1] == pytest.approx(np.corrcoef(thumbs[0].ravel(), thumbs[2].ravel())[0, 1], abs=1e-12)
+    assert abs(score[1]) < 0.1  # unrelated noise
+    assert score[2:5].tolist() == [0.0, 1.0, 0.0]  # one flat; both flat and equal; both flat, not equal
+    assert score[5] == pytest.approx(1.0)
+
+
+def test_chance_counts_what_random_pairs_give() -> None:
+    rng = np.random.default_rng(2)
+    independent = rng.integers(0, 2**64, 20_000, dtype=np.uint64, endpoint=False)
+    assert chance_pairs(independent, 4) < 1  # 64 independent bits: about 4e-14 of 2e8 pairs
+    alike = independent & np.uint64(0xFF)  # 8 free bits: most pairs within 4
+    share = sum(__import__("math").comb(8, k) for k in range(5)) / 256
+    n = len(alike)
+    assert chance_pairs(alike, 4) == pytest.approx(share * n * (n - 1) / 2, rel=0.02)
+
+
+def test_links_to_provided_folders_are_by_pair_and_by_subject() -> None:
+    # test image T (0); training A (1) a confirmed near-copy of T; B (2) confirmed with A only; C (3) a byte copy
+    # of T in training; D (4) rejected candidate of T; V (5) validation; E (6) same subject as V
+    hashes = [0, 0b11, 0b11 | 0b111 << 10, 0xFF << 50, 0b111 << 8, 0xF0F0 << 20, 0xFF << 30]
+    near = near_of(hashes, 4, unconfirmed=((0, 4),))
+    contents = near.contents
+    manifest = pd.concat([contents, contents.iloc[[0]].assign(path="a/copy_of_T.png")]).reset_index(drop=True)
+    manifest = manifest.assign(status="ok", provided_split=["test", "", "", "", "", "val", "", ""])
+    subjects = pd.Series({5: "s1", 6: "s1"})
+    linked = linked_splits(manifest, near, subjects)
+    assert linked.tolist() == ["test", "test", "", "", "", "val", "val", "test"]
+    assert linked_splits(manifest, None, None).tolist() == ["test", "", "", "", "", "val", "", "test"]
 
 
 def test_pairs_stream_to_the_same_csv_as_one_frame(tmp_path: Path) -> None:
@@ -131,18 +184,12 @@ def test_pairs_stream_to_the_same_csv_as_one_frame(tmp_path: Path) -> None:
     near = near_of(hashes, 2)
     assert len(near) == 6 * 6  # 4 identical hashes a cluster: 6 pairs each
     near.contents.loc[3, "path"] = 'a/with, a comma "and quotes".png'
+    near.score = np.linspace(0.9, 1.0, len(near))
     near.write_csv(tmp_path / "chunked.csv", chunk=5)
-    near.frame().to_csv(tmp_path / "whole.csv", index=False, lineterminator="\n")
+    near.frame().to_csv(tmp_path / "whole.csv", index=False, lineterminator="\n", float_format="%.4f")
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
     back = pd.read_csv(tmp_path / "chunked.csv", dtype=str)
-    assert list(back.columns) == ["path_a", "path_b", "label_a", "label_b", "distance", "same_label"]
-
-
-def test_a_copy_of_a_member_far_from_the_first_is_counted_as_a_pair_apart() -> None:
-    """0xFF joined 0's group at 2d; its own copy 0xFFF is 3d from 0: a group of its own, and the pair is reported."""
-    near = near_of([0, 0xF, 0xFF, 0xFFF], 4)
-    assert near_copy_leaders(4, near).tolist() == [0, 0, 0, 3]
-    manifest = near.contents.assign(status="ok", group=near.contents.sha256)
-    grouped = group_near_duplicates(manifest, near)
-    assert pairs_apart(grouped, near) == 1  # (0xFF, 0xFFF): 4 bits apart, in two groups
-    assert pairs_apart(manifest, near) == len(near)  # ungrouped: every pair apart
+    assert list(back.columns) == [
+        "path_a", "path_b", "label_a", "label_b", "distance", "score", "confirmed", "same_label"
+    ]  # fmt: skip
+    assert back.confirmed.tolist() == [str(s >= 0.99) for s in near.score]

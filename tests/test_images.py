@@ -9,7 +9,7 @@ import pytest
 from helpers import make_dataset, shape_image
 from PIL import Image
 
-from imgclf.data.groups import group_near_duplicates, near_duplicate_pairs
+from imgclf.data.groups import group_confirmed, near_duplicate_pairs
 from imgclf.data.images import ImageRecipe, load_image
 from imgclf.data.scan import scan_folder
 from imgclf.data.split import split_manifest
@@ -54,14 +54,16 @@ def test_a_resized_re_encoded_copy_is_a_near_duplicate_and_another_image_is_not(
     original.resize((48, 48), Image.Resampling.BILINEAR).save(root / "a" / "resized_copy.jpg", quality=85)
     rng = np.random.default_rng(99)
     Image.fromarray(shape_image(0, 64, rng)).save(root / "a" / "another_hbar.png")  # same class, other image
-    manifest = scan_folder(root)
-    near = near_duplicate_pairs(manifest, max_distance=4)
+    thumbnails: dict = {}
+    manifest = scan_folder(root, thumbnails=thumbnails)
+    near = near_duplicate_pairs(manifest, 4, thumbnails, 0.99)
     pairs = near.frame()
-    found = {frozenset((a, b)) for a, b in zip(pairs.path_a, pairs.path_b, strict=True)}
+    confirmed = pairs[pairs.confirmed]
+    found = {frozenset((a, b)) for a, b in zip(confirmed.path_a, confirmed.path_b, strict=True)}
     assert frozenset(("a/a_000.png", "a/resized_copy.jpg")) in found
     assert not any("a/another_hbar.png" in pair for pair in found)  # the paths are class/file
 
-    grouped = group_near_duplicates(manifest, near).set_index("path")
+    grouped = group_confirmed(manifest, near).set_index("path")
     assert grouped.loc["a/resized_copy.jpg", "group"] == grouped.loc["a/a_000.png", "group"]
     splits = split_manifest(grouped.reset_index(), val=0.2, test=0.2, seed=0)
     home = {p: name for name, df in splits.items() for p in df.path}

@@ -54,9 +54,9 @@ def test_repro_trains_and_records_every_backbone(trained: Path) -> None:
     assert "Data and pipelines are up to date" in dvc(trained, "status").stdout
 
 
-def test_near_copies_are_grouped_end_to_end_and_each_group_lies_in_one_split(trained: Path) -> None:
-    """The default data.near_duplicates: group, through dvc repro: near-copies share a group, and split puts
-    every group's images into one split."""
+def test_near_copies_are_grouped_end_to_end_and_no_confirmed_pair_crosses_splits(trained: Path) -> None:
+    """The default data.near_duplicates: group, through dvc repro: confirmed near-copies share a group, split
+    puts every group's images into one split, and so both images of every confirmed pair in one split."""
     manifest = read_csv(trained / "data/prepared/manifest.csv")
     ok = manifest[manifest.status == "ok"]
     assert (ok.group != ok.sha256).any(), "no near-copy was grouped: the default `group` never ran"
@@ -64,6 +64,11 @@ def test_near_copies_are_grouped_end_to_end_and_each_group_lies_in_one_split(tra
         [read_csv(trained / f"data/split/{name}.csv").assign(split=name) for name in ("train", "val", "test")]
     )
     assert len(homes) == len(ok) and (homes.groupby("group").split.nunique() == 1).all()
+    pairs = read_csv(trained / "data/prepared/near_duplicates.csv")
+    confirmed = pairs[pairs.confirmed]
+    assert len(confirmed) and (~pairs.confirmed).any()  # both kinds of candidate on these look-alike shapes
+    home = dict(zip(homes.path, homes.split, strict=True))
+    assert all(home[a] == home[b] for a, b in zip(confirmed.path_a, confirmed.path_b, strict=True))
 
 
 def test_vgg16_learns_on_random_weights(trained: Path) -> None:

@@ -39,16 +39,22 @@ def metric_bytes(project: Path) -> dict[str, bytes]:
 
 
 def test_a_forced_rerun_changes_nothing_git_tracks_and_logs_no_tensorflow_chatter(copy_of: Path) -> None:
-    """`dvc repro -f` reruns every stage; every output, dvc.lock included, comes out byte-identical."""
+    """`dvc repro -f` reruns every stage; every output, dvc.lock included, comes out byte-identical. The rerun
+    starts as a fresh clone does (no data/features/, no data/augmented/, no reuse cache) and with
+    `features.cache: null`, so it also shows that a pass without the cache writes the bytes of one with it."""
     assert git_status(copy_of) == ""
     lock = (copy_of / "dvc.lock").read_bytes()
-    shutil.rmtree(copy_of / ".imgclf-cache")  # every backbone output computed again, not reused (features.cache)
+    for folder in (".imgclf-cache", "data/features", "data/augmented"):
+        shutil.rmtree(copy_of / folder)
+    update_params(copy_of, {"features.cache": None})  # not a dependency: the outputs must not change
     result = dvc(copy_of, "repro", "-f", environ={**env(copy_of), "IMGCLF_PROGRESS_SECONDS": "0"})
-    assert git_status(copy_of) == "", "a forced rerun changed tracked files"
+    assert git_status(copy_of) == " M params.yaml\n", "a forced rerun changed tracked files"
     assert (copy_of / "dvc.lock").read_bytes() == lock
+    assert not (copy_of / ".imgclf-cache").exists()
     for bb in TINY["backbones"]:
         assert f"Running stage 'features@{bb}'" in result.stdout
-        assert f"features@{bb}: " in result.stderr and " computed (" in result.stderr and " 0 reused" in result.stderr
+        assert f"features@{bb}: " in result.stderr and " computed (" in result.stderr
+        assert "0 reused from no cache (features.cache: null)" in result.stderr
     for chatter in TF_CHATTER:
         assert chatter not in result.stderr + result.stdout
     run_log = (copy_of / "logs" / "imgclf.log").read_text()

@@ -72,7 +72,7 @@ def read_json(path: str | Path) -> Any:
 # number or a missing value; a sha256 of digits only is still a hash.
 TEXT_COLUMNS = ("path", "label", "actual", "predicted", "sha256", "group", "phash", "provided_split", "status",
                 "reason", "mode", "format", "error", "labels", "path_a", "path_b", "label_a", "label_b", "given",
-                "suggested")  # fmt: skip
+                "suggested", "linked_to")  # fmt: skip
 
 
 def read_csv(path: str | Path) -> pd.DataFrame:

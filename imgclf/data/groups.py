@@ -14,32 +14,40 @@ import pandas as pd
 
 from imgclf.core.io import atomic_path
 
-NEAR_DUPLICATE_COLUMNS = ["path_a", "path_b", "label_a", "label_b", "distance", "same_label"]
+NEAR_DUPLICATE_COLUMNS = ["path_a", "path_b", "label_a", "label_b", "distance", "score", "confirmed", "same_label"]
 
 
 def resolve_conflicts(manifest: pd.DataFrame, rule: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Apply the label-conflict rule to kept rows whose content (sha256) appears under several labels.
 
-    skip: every copy is skipped. majority: copies under the most frequent label are kept, the others
-    skipped; a tie skips all. Returns the updated manifest and a report (one row per conflicting file).
-    """
+    A provided test folder is never changed by a copy elsewhere: when a conflicting content has copies in the
+    provided test folder (else the provided validation folder), those copies are kept as given and every other
+    copy is skipped. Otherwise skip: every copy is skipped; majority: copies under the most frequent label are
+    kept, the others skipped, and a tie skips all. Returns the updated manifest and a report (one row per
+    conflicting file)."""
     manifest = manifest.copy()
     ok = manifest[manifest.status == "ok"]
     labels_per_hash = ok.groupby("sha256")["label"].nunique()
     conflicted = labels_per_hash[labels_per_hash > 1].index
+    provided = ok.provided_split if "provided_split" in ok else pd.Series("", index=ok.index)
     report_rows = []
     for digest in sorted(conflicted):
         group = ok[ok.sha256 == digest]
         counts = Counter(group.label)
         ranked = counts.most_common()
-        winner = ranked[0][0] if rule == "majority" and ranked[0][1] > ranked[1][1] else None
+        folder = next((name for name in ("test", "val") if (provided[group.index] == name).any()), None)
+        if folder:
+            keep_rows = set(group.index[provided[group.index] == folder])
+            why = f"a copy is in the provided {'test' if folder == 'test' else 'validation'} folder, kept as given"
+        else:
+            winner = ranked[0][0] if rule == "majority" and ranked[0][1] > ranked[1][1] else None
+            keep_rows = set(group.index[group.label == winner])
+            why = f"data.label_conflicts={rule}"
         for idx, row in group.iterrows():
-            keep = row.label == winner
+            keep = idx in keep_rows
             if not keep:
                 manifest.loc[idx, "status"] = "skipped"
-                manifest.loc[idx, "reason"] = (
-                    f"label conflict: same content under {', '.join(sorted(counts))} (data.label_conflicts={rule})"
-                )
+                manifest.loc[idx, "reason"] = f"label conflict: same content under {', '.join(sorted(counts))} ({why})"
             report_rows.append(
                 {
                     "sha256": digest,
@@ -125,28 +133,72 @@ def hamming_pairs_all(hashes: np.ndarray, max_distance: int, block_cells: int = 
     return a[order], b[order], distance[order]
 
 
+THUMBNAIL_SIDE = 32  # the confirmation thumbnail's side (bench/near_copies.py: why 32)
+SCORE_DECIMALS = 4  # near_duplicates.csv's score; the confirmation compares the unrounded value
+
+
+def confirmation_thumbnail(im: Any, side: int = THUMBNAIL_SIDE) -> np.ndarray:
+    """The image as a side x side grey thumbnail (uint8), made while prepare has it decoded: what confirms a
+    hash candidate. Pillow's resize of 8-bit images is integer arithmetic, so the bytes do not depend on the CPU."""
+    from PIL import Image
+
+    return np.asarray(im.convert("L").resize((side, side), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def thumbnail_correlation(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Pearson correlation of thumbnails a[k] and b[k] (rows of `thumbs`, (n, side, side) uint8), for each k.
+
+    The sums are exact integers, so a score is the same on every CPU. Invariant to brightness and contrast
+    (a linear change of the pixel values); 1.0 for two flat thumbnails of equal value, 0.0 when one is flat and
+    the other not or the two flat values differ (no pattern to compare)."""
+    flat = thumbs.reshape(len(thumbs), -1)
+    m = flat.shape[1]
+    total = flat.sum(axis=1, dtype=np.int64)
+    squares = np.einsum("ij,ij->i", flat, flat, dtype=np.int64)
+    spread = m * squares - total * total  # m^2 x variance: 0 for a flat thumbnail
+    out = np.empty(len(a), dtype=np.float64)
+    for start in range(0, len(a), chunk):
+        i, j = a[start : start + chunk], b[start : start + chunk]
+        cross = np.einsum("ij,ij->i", flat[i], flat[j], dtype=np.int64)
+        covariance = (m * cross - total[i] * total[j]).astype(np.float64)
+        scale = np.sqrt(spread[i].astype(np.float64) * spread[j].astype(np.float64))
+        flat_both = (spread[i] == 0) & (spread[j] == 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(scale > 0, covariance / scale, 0.0)
+        out[start : start + chunk] = np.where(flat_both, (total[i] == total[j]).astype(np.float64), score)
+    return out
+
+
 @dataclass
 class NearDuplicates:
-    """Pairs of distinct kept contents whose perceptual hashes are at most `max_distance` bits apart.
+    """Candidate pairs of distinct kept contents (perceptual hashes at most `max_distance` bits apart), each with
+    its confirmation score (the correlation of the two contents' grey thumbnails) and whether it was confirmed
+    (score >= `min_score`): only confirmed pairs are near-copies.
 
     `contents` holds one row per content (path, label, sha256: its first path by name) and `hashes` their 64-bit
-    perceptual hashes; a pair is two row numbers a < b of it with their distance: arrays, not Python objects, so
-    a million images with many pairs stay small. `write_csv` streams them out (near_duplicates.csv, sorted by
-    path_a, path_b)."""
+    perceptual hashes; a pair is two row numbers a < b of it: arrays, not Python objects, so a million images
+    with many pairs stay small. `write_csv` streams them out (near_duplicates.csv, sorted by path_a, path_b)."""
 
     contents: pd.DataFrame
     hashes: np.ndarray
     a: np.ndarray
     b: np.ndarray
     distance: np.ndarray
+    score: np.ndarray
     max_distance: int
+    min_score: float
 
     def __len__(self) -> int:
         return len(self.a)
 
-    def across_labels(self) -> int:
+    @property
+    def confirmed(self) -> np.ndarray:
+        return self.score >= self.min_score
+
+    def across_labels(self, confirmed_only: bool = True) -> int:
         labels = self.contents.label.to_numpy()
-        return int(np.count_nonzero(labels[self.a] != labels[self.b]))
+        across = labels[self.a] != labels[self.b]
+        return int(np.count_nonzero(across & self.confirmed if confirmed_only else across))
 
     def frame(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
         """Pairs start..stop as near_duplicates.csv's rows."""
@@ -159,6 +211,8 @@ class NearDuplicates:
                 "label_a": labels[a],
                 "label_b": labels[b],
                 "distance": self.distance[start:stop].astype(int),
+                "score": np.round(self.score[start:stop], SCORE_DECIMALS),
+                "confirmed": self.confirmed[start:stop],
                 "same_label": labels[a] == labels[b],
             },
             columns=NEAR_DUPLICATE_COLUMNS,
@@ -168,46 +222,62 @@ class NearDuplicates:
         with atomic_path(path) as tmp:
             self.frame(0, 0).to_csv(tmp, index=False, lineterminator="\n")
             for start in range(0, len(self), chunk):
-                self.frame(start, start + chunk).to_csv(tmp, index=False, header=False, mode="a", lineterminator="\n")
+                self.frame(start, start + chunk).to_csv(
+                    tmp, index=False, header=False, mode="a", lineterminator="\n", float_format="%.4f"
+                )
 
 
-def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int) -> NearDuplicates:
-    """Pairs of kept files with different content whose perceptual hashes differ in at most `max_distance`
-    of 64 bits, one per pair of distinct contents (the first path of each, by name), with the distance."""
+def near_duplicate_pairs(
+    manifest: pd.DataFrame, max_distance: int, thumbnails: dict[str, np.ndarray], min_score: float
+) -> NearDuplicates:
+    """Candidate pairs of kept files with different content whose perceptual hashes differ in at most
+    `max_distance` of 64 bits, one per pair of distinct contents (the first path of each, by name), each scored
+    by the correlation of the contents' thumbnails (`thumbnails`: sha256 -> confirmation_thumbnail, as
+    scan_folder collects them) and confirmed when the score is at least `min_score`."""
     ok = manifest[(manifest.status == "ok") & (manifest.phash != "")]
     contents = ok.sort_values("path").drop_duplicates("sha256").reset_index(drop=True)
     hashes = np.array([int(h, 16) for h in contents.phash], dtype=np.uint64)
     a, b, distance = hamming_pairs(hashes, max_distance)
+    missing = [digest for digest in contents.sha256 if digest not in thumbnails]
+    if missing:
+        raise ValueError(f"{len(missing)} kept contents have no thumbnail (e.g. sha256 {missing[0][:12]})")
+    used = np.unique(np.concatenate([a, b]))
+    thumbs = np.zeros((len(contents), THUMBNAIL_SIDE, THUMBNAIL_SIDE), dtype=np.uint8)
+    for i in used.tolist():
+        thumbs[i] = thumbnails[contents.sha256[i]]
+    score = thumbnail_correlation(thumbs, a, b)
     # contents are sorted by path, so a < b is path_a < path_b and the pairs come sorted by (path_a, path_b)
-    return NearDuplicates(contents[["path", "label", "sha256"]], hashes, a, b, distance, max_distance)
+    return NearDuplicates(contents[["path", "label", "sha256"]], hashes, a, b, distance, score, max_distance, min_score)
 
 
-def near_copy_leaders(count: int, near: NearDuplicates) -> np.ndarray:
-    """For each of `count` contents (in path order), the first content of its near-copy group.
-
-    Content b joins the group of its first earlier near-copy a (within the distance d) whose group's first
-    member is within 2d of b; otherwise b starts a group. So a copy joins its original's group even when the
-    original is itself a member (two copies of one scan, each d bits from it, are up to 2d apart), but every
-    member stays within 2d of the group's first: a chain of small steps (a to b to c ...) cannot merge unlike
-    images into one large group, as single linkage (a union of all pairs) can."""
-    leader = np.arange(count)
-    hashes = near.hashes
-    radius = 2 * near.max_distance
-    later_first = np.lexsort((near.a, near.b))
-    for a, b in zip(near.a[later_first].tolist(), near.b[later_first].tolist(), strict=True):
-        # pairs by b, then a: when b's pairs come, every earlier content is settled
-        if leader[b] == b and int(np.bitwise_count(hashes[b] ^ hashes[leader[a]])) <= radius:
-            leader[b] = leader[a]
-    return leader
+def chance_pairs(hashes: np.ndarray, max_distance: int, samples: int = 200_000, seed: int = 0) -> float:
+    """How many pairs of these hashes would be within `max_distance` bits if pairs were drawn at random: the
+    share of `samples` random pairs of distinct hashes (seeded) within the distance, times all pairs. True
+    copies are too rare among random pairs to move it; on images whose hash bits are not independent (small
+    centred objects on black) it is far above the 64-bit binomial's estimate."""
+    n = len(hashes)
+    if n < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, n, samples)
+    j = (i + rng.integers(1, n, samples)) % n  # never i itself
+    share = np.count_nonzero(np.bitwise_count(hashes[i] ^ hashes[j]) <= max_distance) / samples
+    return share * n * (n - 1) / 2
 
 
-def group_near_duplicates(manifest: pd.DataFrame, near: NearDuplicates) -> pd.DataFrame:
-    """Set `group` so that near-copies (and their exact copies) share one, by `near_copy_leaders`' rule: the
-    smallest sha256 of each group. Split keeps a group in one split, as it does an exact copy (a pair whose
-    contents end in two groups may end in two splits: `pairs_apart` counts them)."""
-    leaders = near_copy_leaders(len(near.contents), near)
+def group_confirmed(manifest: pd.DataFrame, near: NearDuplicates) -> pd.DataFrame:
+    """Set `group` so that every confirmed pair (and their exact copies) shares one: the union of confirmed
+    pairs, each group named by its smallest sha256. A union does not depend on file names or their order, and
+    no confirmed pair can end in two groups, so split (which keeps a group in one split) never separates one."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    keep = near.confirmed
+    n = len(near.contents)
+    graph = coo_matrix((np.ones(int(keep.sum()), dtype=np.int8), (near.a[keep], near.b[keep])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
     sha = near.contents.sha256.to_numpy()
-    smallest = pd.Series(sha).groupby(leaders).transform("min").to_numpy()
+    smallest = pd.Series(sha).groupby(component).transform("min").to_numpy()
     group_of = dict(zip(sha, smallest, strict=True))
     manifest = manifest.copy()
     ok = (manifest.status == "ok") & manifest.sha256.isin(group_of)
@@ -216,11 +286,45 @@ def group_near_duplicates(manifest: pd.DataFrame, near: NearDuplicates) -> pd.Da
 
 
 def pairs_apart(manifest: pd.DataFrame, near: NearDuplicates) -> int:
-    """How many near-duplicate pairs have their two contents in different groups of `manifest`."""
+    """How many confirmed pairs have their two contents in different groups of `manifest` (0 after
+    group_confirmed: a check, not a measure)."""
     ok = manifest[manifest.status == "ok"]
     group_of = dict(zip(ok.sha256, ok.group, strict=False))
     groups = near.contents.sha256.map(group_of).to_numpy()
-    return int(np.count_nonzero(groups[near.a] != groups[near.b]))
+    return int(np.count_nonzero((groups[near.a] != groups[near.b]) & near.confirmed))
+
+
+LINKED_SPLITS = ("test", "val")
+
+
+def linked_splits(manifest: pd.DataFrame, near: NearDuplicates | None, subjects: pd.Series | None) -> pd.Series:
+    """For each kept row, the provided test and validation folders (`test;val`, `test`, `val` or empty) that hold
+    an image it must not be separated from: the same content, a confirmed near-copy of its content, or (with
+    `subjects`, keyed like the manifest's rows) the same subject. Split holds a row out of training when it is
+    linked to the provided test (or validation) folder: decided pair by pair, so a look-alike of a look-alike
+    of a test image is not held out, while a patient is held out whole."""
+    ok = manifest[manifest.status == "ok"]
+    by_content: dict[str, set[str]] = {}
+    for digest, provided in zip(ok.sha256, ok.provided_split, strict=True):
+        if provided in LINKED_SPLITS:
+            by_content.setdefault(digest, set()).add(provided)
+    linked = {digest: set(found) for digest, found in by_content.items()}
+    if near is not None:
+        sha = near.contents.sha256.to_numpy()
+        keep = near.confirmed
+        for i, j in zip(near.a[keep].tolist(), near.b[keep].tolist(), strict=True):
+            for x, y in ((sha[i], sha[j]), (sha[j], sha[i])):
+                if y in by_content:
+                    linked.setdefault(x, set()).update(by_content[y])
+    out = [set(linked.get(digest, ())) for digest in ok.sha256]
+    if subjects is not None:
+        keys = subjects.reindex(ok.index)
+        by_subject: dict[str, set[str]] = {}
+        for key, provided in zip(keys, ok.provided_split, strict=True):
+            if isinstance(key, str) and provided in LINKED_SPLITS:
+                by_subject.setdefault(key, set()).add(provided)
+        out = [found | by_subject.get(key, set()) for found, key in zip(out, keys, strict=True)]
+    return pd.Series([";".join(sorted(found)) for found in out], index=ok.index, dtype=object)
 
 
 def union_groups(manifest: pd.DataFrame, links: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from imgclf.core.errors import UserError, log
 from imgclf.core.io import sha256_file
-from imgclf.data.groups import perceptual_hash
+from imgclf.data.groups import confirmation_thumbnail, perceptual_hash
 from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe, ImageSkip, decode_image, is_image_file
 
 # Folder names (lower-case) that mean "a provided split", and the split they stand for.
@@ -141,8 +141,12 @@ def _label_and_split(rel: Path, split_layout: bool) -> tuple[str | None, str, st
     return parts[0], "", None
 
 
-def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.DataFrame:
-    """One manifest row for every file found below `root`, with status ok|skipped and a reason."""
+def scan_folder(
+    root: str | Path, options: ScanOptions = ScanOptions(), thumbnails: dict[str, Any] | None = None
+) -> pd.DataFrame:
+    """One manifest row for every file found below `root`, with status ok|skipped and a reason. With a
+    `thumbnails` dict (and options.perceptual_hash), each kept content's confirmation thumbnail is put in it,
+    by sha256, while the image is decoded: what near-copy confirmation compares (kept out of the manifest)."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"data.root={str(root)!r} does not exist; set data.root to a folder of class sub-folders")
@@ -196,6 +200,8 @@ def scan_folder(root: str | Path, options: ScanOptions = ScanOptions()) -> pd.Da
             continue
         if options.perceptual_hash:
             row["phash"] = perceptual_hash(im)
+            if thumbnails is not None and row["sha256"] not in thumbnails:
+                thumbnails[row["sha256"]] = confirmation_thumbnail(im)
         row["status"], row["reason"], row["group"] = "ok", "", row["sha256"]
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if manifest.empty:

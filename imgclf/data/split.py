@@ -33,11 +33,14 @@ def held_out(manifest: pd.DataFrame, splits: dict[str, pd.DataFrame]) -> pd.Data
     ok = manifest[manifest.status == "ok"]
     placed = set().union(*(set(df.path) for df in splits.values()))
     rows = ok[~ok.path.isin(placed)].copy()
-    key, test_keys = group_key(rows), set(group_key(splits["test"]))
+    if "linked_to" in rows:
+        linked_test = rows.linked_to.str.contains("test", regex=False).tolist()
+    else:
+        linked_test = group_key(rows).isin(set(group_key(splits["test"]))).tolist()
     rows["reason"] = [
-        f"in one group (a copy, a near-copy or the same subject) with an image in the provided "
-        f"{'test' if k in test_keys else 'validation'} folder"
-        for k in key
+        f"a copy, a confirmed near-copy or the same subject as an image in the provided "
+        f"{'test' if test else 'validation'} folder"
+        for test in linked_test
     ]
     return rows.sort_values("path").reset_index(drop=True)
 
@@ -111,11 +114,16 @@ def split_manifest(
     key = group_key(ok)
     assigned = pd.Series("", index=ok.index, dtype=object)
     if use_provided_splits:
-        test_keys = set(key[ok.provided_split == "test"])
         assigned[ok.provided_split == "test"] = "test"
-        assigned[(ok.provided_split == "val") & ~key.isin(test_keys)] = "val"
-        held = set(key[assigned != ""])
-        assigned[(assigned == "") & key.isin(held)] = HELD_OUT  # copies of test/val images elsewhere
+        if "linked_to" in ok:
+            # prepare's links, pair by pair: same content, a confirmed near-copy, the same subject
+            to_test = ok.linked_to.str.contains("test", regex=False)
+            to_val = ok.linked_to.str.contains("val", regex=False)
+        else:  # a manifest without links: whole groups
+            to_test = key.isin(set(key[ok.provided_split == "test"]))
+            to_val = key.isin(set(key[ok.provided_split == "val"]))
+        assigned[(ok.provided_split == "val") & ~to_test] = "val"
+        assigned[(assigned == "") & (to_test | to_val)] = HELD_OUT  # copies of test/val images elsewhere
     fixed = set(assigned[assigned.isin(["val", "test"])])
     fractions = {"train": 1.0}
     if "val" not in fixed:
