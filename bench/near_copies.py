@@ -63,7 +63,7 @@ def upscaled(image: np.ndarray) -> Any:
     return Image.fromarray(image).resize((SIDE, SIDE), Image.Resampling.BILINEAR)
 
 
-def re_exports(im: Any, rng: np.random.Generator) -> dict[str, bytes]:
+def re_exports(im: Any) -> dict[str, bytes]:
     """The same picture written again as a user's tools would: name -> file bytes."""
     from PIL import Image, ImageEnhance
 
@@ -123,7 +123,7 @@ def choose(count: int) -> None:
     hash_hits: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in chosen.tolist():
-            for name, data in re_exports(pictures[i], rng).items():
+            for name, data in re_exports(pictures[i]).items():
                 copy = decode(data, ".jpg" if "jpeg" in name else ".png", Path(tmp))
                 hash_hits[name] = hash_hits.get(name, 0) + int(
                     np.bitwise_count(np.uint64(int(perceptual_hash(copy), 16)) ^ hashes[i]) <= 4
@@ -188,8 +188,9 @@ def write_lookalike_project(work: Path) -> dict[str, Any]:
         for k in rng.choice(len(written[part]), 30, replace=False).tolist():
             original, picture = written[part][k]
             label = original.split("/")[1]
-            name = list(re_exports(picture, rng))[k % 13]
-            data = re_exports(picture, rng)[name]
+            exports = re_exports(picture)
+            name = list(exports)[k % 13]
+            data = exports[name]
             copy = f"Training/{label}/planted_{kind}_{k:04d}{'.jpg' if 'jpeg' in name else '.png'}"
             (images / copy).write_bytes(data)
             plants[kind].append((original, copy))

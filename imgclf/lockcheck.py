@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -69,54 +70,99 @@ def produced_paths(root: Path) -> set[str]:
     return {out["path"] for stage in stages.values() for out in stage.get("outs", [])}
 
 
-def dvc_status(root: Path) -> dict[str, Any]:
+def dvc_status(root: Path, environ: dict[str, str] | None = None) -> dict[str, Any]:
     """`dvc status --json` of the project at `root` (the dvc of this Python environment)."""
     done = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, check=False
-    )
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=root, capture_output=True, text=True, check=False, env={**os.environ, **(environ or {})},
+    )  # fmt: skip
     if done.returncode != 0:
         lines = (done.stderr.strip() or done.stdout.strip()).splitlines() or ["no output"]
         raise UserError(f"`dvc status` failed in {root}: {lines[-1]}")
     return json.loads(done.stdout or "{}")
 
 
-def check(root: Path) -> dict[str, list[str]]:
+def check(root: Path, environ: dict[str, str] | None = None) -> dict[str, list[str]]:
     """The stale stages of the project at `root`."""
-    return stale_stages(dvc_status(root), produced_paths(root))
+    return stale_stages(dvc_status(root, environ), produced_paths(root))
 
 
-def check_committed(root: Path) -> dict[str, list[str]]:
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise UserError("git is not installed: the last commit cannot be read; use --workspace") from None
+
+
+def _git_refusal(done: subprocess.CompletedProcess, root: Path) -> UserError:
+    lines = done.stderr.strip().splitlines() or ["no output"]
+    first = next((line for line in lines if line.startswith("fatal:")), lines[0])
+    hint = "use --workspace to check the working tree instead"
+    if "dubious ownership" in done.stderr:
+        hint = f"git refuses a repository owned by another user: git config --global --add safe.directory {root}"
+    return UserError(f"cannot read the last commit of {root} ({first}); {hint}")
+
+
+def not_in_git(root: Path, paths: list[str]) -> list[str]:
+    """Of these dependency paths, those whose content the commit does not hold: ignored by git, tracked by DVC
+    (a `.dvc` file beside them) or with ignored files inside (data or weights kept out of git). A clone of the
+    commit cannot check them."""
+    out = []
+    for path in paths:
+        ignored = _git(root, "check-ignore", "-q", path).returncode == 0
+        inside = _git(root, "ls-files", "--others", "--ignored", "--exclude-standard", "--", path).stdout.strip()
+        if ignored or inside or (root / f"{path}.dvc").exists():
+            out.append(path)
+    return out
+
+
+def check_committed(root: Path) -> tuple[dict[str, list[str]], list[str]]:
     """The stale stages of the last commit of the git repository at `root`, as a fresh clone of it sees them
-    (a local clone of HEAD into a temporary folder: committed files only, no DVC outputs)."""
+    (a local clone of HEAD into a temporary folder: committed files only, no DVC outputs); and the dependencies
+    that only the working tree holds (kept out of git), which the commit cannot be checked against."""
+    top = _git(root, "rev-parse", "--show-toplevel")
+    head = _git(root, "rev-parse", "HEAD")
+    if top.returncode != 0 or head.returncode != 0:
+        raise _git_refusal(top if top.returncode else head, root)
+    top_dir = Path(top.stdout.strip())
     with tempfile.TemporaryDirectory(prefix="imgclf-lockcheck-") as tmp:
         clone = Path(tmp) / "clone"
-        done = subprocess.run(
-            ["git", "clone", "-q", "--shared", "--no-checkout", str(root), str(clone)],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+        done = _git(top_dir, "clone", "-q", "--shared", "--no-checkout", str(top_dir), str(clone))
         if done.returncode == 0:
-            head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
-            done = subprocess.run(
-                ["git", "-C", str(clone), "checkout", "-q", "--detach", head.stdout.strip()],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
+            done = _git(clone, "checkout", "-q", "--detach", head.stdout.strip())
         if done.returncode != 0:
-            lines = done.stderr.strip().splitlines() or ["no output"]
-            raise UserError(
-                f"cannot read the last commit of {root} ({lines[-1]}); in a folder without git history use --workspace"
-            )
-        return check(clone)
+            raise _git_refusal(done, root)
+        project = clone / Path(root).resolve().relative_to(top_dir.resolve())
+        # DVC keeps a per-repository cache of its own under /var/tmp; this clone's goes with it.
+        stale = check(project, {"DVC_SITE_CACHE_DIR": str(Path(tmp) / "site-cache")})
+    unknown: list[str] = []
+    for stage, reasons in list(stale.items()):
+        paths = [reason.rsplit(" (", 1)[0] for reason in reasons if not reason.startswith(("params:", "command"))]
+        outside = set(not_in_git(Path(root), paths))
+        kept = [reason for reason in reasons if reason.rsplit(" (", 1)[0] not in outside]
+        unknown += sorted(outside - set(unknown))
+        if kept:
+            stale[stage] = kept
+        else:
+            del stale[stage]
+    return stale, unknown
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Is the committed state consistent? (dvc.lock against the code)")
     parser.add_argument("--workspace", action="store_true", help="check this working tree instead of HEAD")
     args = parser.parse_args(argv)
+    unknown: list[str] = []
     try:
-        stale = check(Path.cwd()) if args.workspace else check_committed(Path.cwd())
+        if args.workspace:
+            stale = check(Path.cwd())
+        else:
+            stale, unknown = check_committed(Path.cwd())
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT
+    if unknown:
+        print(f"not checked (kept out of git, so not in the commit): {', '.join(unknown)}")
     for stage, reasons in stale.items():
         print(f"stale: {stage}: {'; '.join(reasons)}")
     if stale:

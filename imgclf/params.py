@@ -139,7 +139,7 @@ def _check_section(values: dict[str, Any], schema: dict[str, Any], prefix: str) 
     for key, rule in schema.items():
         name = f"{prefix}{key}"
         if key not in values:
-            raise UserError(f"params.yaml is missing {name}; add it (see README, 'Parameters')")
+            raise UserError(f"params.yaml is missing {name}; add it (see docs/params.md)")
         value = values[key]
         if isinstance(rule, dict):
             if not isinstance(value, dict):

@@ -16,6 +16,7 @@ from imgclf.data.groups import (
     group_confirmed,
     linked_splits,
     near_duplicate_pairs,
+    pairs_apart,
     resolve_conflicts,
 )
 from imgclf.data.images import ImageRecipe
@@ -44,7 +45,7 @@ def main() -> None:
     key = load_key() if groups["by"] != "none" else b""
     thumbnails: dict = {}
     manifest = scan_folder(data["root"], options, thumbnails)
-    manifest, conflicts = resolve_conflicts(manifest, data["label_conflicts"])
+    manifest, conflicts = resolve_conflicts(manifest, data["label_conflicts"], data["use_provided_splits"])
     classes = check_classes(manifest)
     pairs, subjects, chance = None, None, 0.0
     if data["near_duplicates"] != "off":
@@ -69,8 +70,15 @@ def main() -> None:
                 args.out_dir / "near_duplicates.csv",
             )
         pairs.write_csv(args.out_dir / "near_duplicates.csv")
+        del thumbnails  # 1 KB an image: not needed past the scores
         if data["near_duplicates"] == "group":
             manifest = group_confirmed(manifest, pairs)
+        elif confirmed:
+            log.warning(
+                "prepare: data.near_duplicates=report: the %d confirmed near-copy pairs are listed, not kept "
+                "together; %d of them have their images in different groups, so possibly in two splits",
+                confirmed, pairs_apart(manifest, pairs),
+            )  # fmt: skip
     if groups["by"] != "none":
         # Subjects (patients) join the content groups; no output holds them (imgclf/data/subjects.py).
         subjects = subject_keys(manifest, data["root"], groups, key)
@@ -118,6 +126,13 @@ def main() -> None:
         metrics["subjects"] = int(subjects.nunique())
     write_json(args.metrics, metrics)
     log.info("prepare: %s in %s", summary_line(manifest), data["root"])
+    within = conflicts[conflicts.kept.astype(bool)].groupby("sha256")["label"].nunique()
+    if (within > 1).any():
+        log.warning(
+            "prepare: %d image(s) appear under two labels inside the provided test or validation folder: kept as "
+            "given (the provided split is not changed); see %s", int((within > 1).sum()),
+            args.out_dir / "label_conflicts.csv",
+        )  # fmt: skip
     if len(conflicts):
         log.warning(
             "prepare: %d files share content across labels; see %s",

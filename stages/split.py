@@ -49,9 +49,9 @@ def main() -> None:
     write_csv(held, args.out_dir / "held_out.csv")
     if len(held):
         log.warning(
-            "split: %d image(s) held out of every split: in one group (copies, near-copies or one subject) with "
-            "provided test or validation images, found in another split's folder (the provided folders stay as "
-            "given); listed in %s",
+            "split: %d image(s) held out of every split: each a copy, a confirmed near-copy or the same subject as "
+            "a provided test or validation image, found in another folder (the provided folders stay as given); "
+            "listed in %s",
             len(held), args.out_dir / "held_out.csv",
         )  # fmt: skip
     # The images the backbone passes read, one row per content: features@ depends on this list alone, so a
@@ -68,8 +68,8 @@ def main() -> None:
         if sizes.max() > 0.5 * min(params["split"]["val"], params["split"]["test"]) * len(kept):
             log.warning(
                 "split: one group holds %d of %d images, more than half a validation or test share: the split "
-                "cannot follow the ratios; see data/prepared/near_duplicates.csv and consider lowering "
-                "data.near_duplicate_distance, or check the subject rule (data.groups)",
+                "cannot follow the ratios; see data/prepared/near_duplicates.csv (confirmed pairs) and consider "
+                "raising data.near_duplicate_correlation, or check the subject rule (data.groups)",
                 int(sizes.max()), len(kept),
             )  # fmt: skip
 

@@ -105,3 +105,19 @@ def test_ece_and_brier_on_a_hand_computed_example() -> None:
 def test_a_confidence_of_exactly_one_lands_in_the_last_bin() -> None:
     table = reliability_table(np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([0, 1]), 10)
     assert [(r["bin_low"], r["bin_high"]) for r in table] == [(0.4, 0.5), (0.9, 1.0)]
+
+
+def test_a_fit_that_is_not_better_is_recorded_as_kept_not_as_fitted(monkeypatch) -> None:
+    """The record says what happened: T = 1 kept because the fitted T was worse, never "fitted" with T = 1."""
+    import scipy.optimize
+
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(200, 3)) * 2
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(3, p=p) for p in probs])  # calibrated by construction: T = 1 is about right
+
+    class Worse:
+        x = np.log(2.5)  # a fit that went astray: sharper data would need T < 1, this softens
+
+    monkeypatch.setattr(scipy.optimize, "minimize_scalar", lambda *a, **k: Worse())
+    assert fit_temperature(probs, y) == (1.0, "kept T = 1 (fit not better)")

@@ -85,6 +85,23 @@ def test_the_interval_across_folds_uses_the_corrected_variance() -> None:
     assert width["thrice"] > 0.55 * width["once"], width  # sd / sqrt(k r) gives 0.43 times
 
 
+def test_the_correction_uses_each_folds_held_out_over_trained_on_counts() -> None:
+    """100 images, 5 folds of 20, inner validation 16 of the other 80: each head trained on 64, so the ratio is
+    20 / 64 = 0.3125, not 1 / (k - 1) = 0.25 (an interval too narrow by 6% at k = 5)."""
+    from imgclf.results.crossval import summary, test_train_ratio
+
+    folds = pd.DataFrame({"repeat": 0, "fold": range(5), "images": 20, "inner_val_images": 16, "train_rows": 90,
+                          "accuracy": [0.8, 0.85, 0.9, 0.82, 0.88], "macro_f1": 0.8, "loss": 0.4})  # fmt: skip
+    assert test_train_ratio(folds) == pytest.approx(0.3125)
+    two = pd.concat([folds, folds.assign(repeat=1, images=[19, 21, 20, 20, 20])])
+    assert test_train_ratio(two) == pytest.approx((0.3125 * 8 + 19 / 65 + 21 / 63) / 10)
+    got = summary(folds, 0.95)["accuracy"]
+    assert got == summarise(folds.accuracy.tolist(), 0.95, test_train_ratio=0.3125)
+    assert got["ci_high"] - got["ci_low"] > 1.05 * (lambda r: r["ci_high"] - r["ci_low"])(
+        summarise(folds.accuracy.tolist(), 0.95, test_train_ratio=0.25)
+    )
+
+
 def test_a_rare_class_always_keeps_a_training_group_in_every_fold() -> None:
     """A class of two images among 152: the inner validation part never takes its last training group
     (a head that never saw the class would flag its held-out images as label errors)."""

@@ -50,7 +50,7 @@ def test_a_queued_sweep_runs_head_experiments_on_the_cached_features_and_keeps_t
     # The two experiments side by side on the same test images, by name, with their noise.
     first, second = experiments.index
     diff = run([sys.executable, "-m", "imgclf", "diff", first, second, "--md"], copy_of).stdout
-    assert "| mobilenet |" in diff and "| ensemble |" in diff and "McNemar p" in diff, diff
+    assert "| mobilenet |" in diff and "| ensemble |" in diff and "p (groups)" in diff, diff
     # The winner is chosen on validation (accuracy, then loss), never on a test number.
     ranked = experiments.assign(
         acc=experiments["metrics/ensemble.json:val_accuracy"].astype(float),

@@ -20,6 +20,7 @@ from imgclf.data.groups import (
     pairs_apart,
     thumbnail_correlation,
 )
+from imgclf.data.split import HELD_OUT, split_manifest
 
 
 def flip(hashes: np.ndarray, bits: np.ndarray) -> np.ndarray:
@@ -108,6 +109,56 @@ def test_groups_are_the_union_of_confirmed_pairs_only() -> None:
     assert grouped_frame.path.tolist() == manifest.path.tolist()
 
 
+def test_a_confirmed_chain_wider_than_twice_the_distance_is_one_group() -> None:
+    """Union, not a rule anchored on a group's first member: five confirmed steps of 3 bits (12 bits end to end,
+    more than 2d = 8) stay one group, so no confirmed pair is cut."""
+    chain = [0, 0b111, 0b111111, 0b111111111, 0b111111111111]
+    near = near_of(chain, 4)
+    manifest = near.contents.assign(status="ok", group=near.contents.sha256)
+    grouped = group_confirmed(manifest, near)
+    assert grouped.group.nunique() == 1 and pairs_apart(grouped, near) == 0
+
+
+def chain_manifest(with_val: bool) -> tuple[pd.DataFrame, NearDuplicates]:
+    """T (a provided test image), A (training, a confirmed near-copy of T), B (training, confirmed with A only,
+    5 bits from T), and other training and test images; with_val: V, a provided validation image, and W
+    (training, a confirmed near-copy of V)."""
+    hashes = [0, 0b11, 0b11 | 0b111 << 10] + [(i + 1) * 0x0F0F0F0F00000000 for i in range(6)]
+    paths = ["Testing/a/t.png", "Training/a/a.png", "Training/a/b.png"] + [f"Training/a/x{i}.png" for i in range(4)]
+    paths += ["Testing/a/y.png", "Testing/a/z.png"]
+    if with_val:
+        hashes += [0xFF << 40, 0xFF << 40 | 0b1]
+        paths += ["Validation/a/v.png", "Training/a/w.png"]
+    near = near_of(hashes, 4)
+    contents = near.contents.assign(path=paths)
+    near.contents = contents
+    provided = [p.split("/")[0].lower().replace("testing", "test").replace("training", "train") for p in paths]
+    manifest = contents.assign(
+        status="ok", group=contents.sha256, provided_split=[p.replace("validation", "val") for p in provided]
+    )
+    manifest = group_confirmed(manifest, near)
+    return manifest.assign(linked_to=linked_splits(manifest, near, None)), near
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_held_out_is_decided_pair_by_pair_and_no_confirmed_pair_crosses(with_val: bool) -> None:
+    manifest, near = chain_manifest(with_val)
+    assert manifest.group.iloc[0] == manifest.group.iloc[1] == manifest.group.iloc[2]  # T, A, B: one group
+    splits = split_manifest(manifest, val=0.25, test=0.25, seed=0)
+    home = {p: name for name, frame in splits.items() for p in frame.path}
+    home = {p: home.get(p, HELD_OUT) for p in manifest.path}
+    assert home["Testing/a/t.png"] == "test" and home["Training/a/a.png"] == HELD_OUT
+    assert home["Training/a/b.png"] in ("train", "val")  # a look-alike of a look-alike: not held out
+    if with_val:
+        assert home["Validation/a/v.png"] == "val" and home["Training/a/w.png"] == HELD_OUT
+    frame = near.frame()
+    for a, b in zip(frame.path_a[frame.confirmed], frame.path_b[frame.confirmed], strict=True):
+        assert HELD_OUT in (home[a], home[b]) or home[a] == home[b]
+    # Without the links (whole groups, the rule before pairs): B would be held out too.
+    whole = split_manifest(manifest.drop(columns=["linked_to"]), val=0.25, test=0.25, seed=0)
+    assert "Training/a/b.png" not in set().union(*(set(f.path) for f in whole.values()))
+
+
 def test_groups_do_not_depend_on_names_or_order() -> None:
     rng = np.random.default_rng(5)
     base = rng.integers(0, 2**64, 40, dtype=np.uint64, endpoint=False)
@@ -186,7 +237,7 @@ def test_pairs_stream_to_the_same_csv_as_one_frame(tmp_path: Path) -> None:
     near.contents.loc[3, "path"] = 'a/with, a comma "and quotes".png'
     near.score = np.linspace(0.9, 1.0, len(near))
     near.write_csv(tmp_path / "chunked.csv", chunk=5)
-    near.frame().to_csv(tmp_path / "whole.csv", index=False, lineterminator="\n", float_format="%.4f")
+    near.frame().to_csv(tmp_path / "whole.csv", index=False, lineterminator="\n", float_format="%.6f")
     assert (tmp_path / "chunked.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
     back = pd.read_csv(tmp_path / "chunked.csv", dtype=str)
     assert list(back.columns) == [

@@ -151,3 +151,6 @@ def test_a_copy_of_a_test_image_under_another_class_leaves_the_test_folder_intac
         assert report.kept.sum() == 2 and len(report) == 5
         reason = manifest.set_index("path").reason["Training/b/another.png"]
         assert "provided test folder, kept as given" in reason
+    # data.use_provided_splits: false: the folders are just data, and the rule decides for every copy
+    manifest, report = resolve_conflicts(scan_folder(root), "skip", provided_wins=False)
+    assert manifest.set_index("path").status["Testing/a/a_000.png"] == "skipped" and not report.kept.any()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers import TINY, dvc, make_dataset, make_project, run
+from PIL import Image
 
 from imgclf.core.io import read_csv
 
@@ -26,12 +27,24 @@ def read(project: Path, path: str) -> dict:
 def test_numeric_class_names_stay_five_distinct_text_labels_in_the_training_testing_layout(tmp_path: Path) -> None:
     classes = ["0", "1", "10", "7", "007"]  # all numeric: no text name to keep pandas from parsing them
     project = make_project(tmp_path, SMALL)
-    make_dataset(project / "images" / "Training", dict.fromkeys(classes, 8), size=40, rgb=True)
-    make_dataset(project / "images" / "Testing", dict.fromkeys(classes, 3), size=40, rgb=True, seed=1)
+    # vary: distinct images (the default shapes of a class differ only in noise: real near-copies, confirmed)
+    make_dataset(project / "images" / "Training", dict.fromkeys(classes, 8), size=40, rgb=True, vary=True)
+    make_dataset(project / "images" / "Testing", dict.fromkeys(classes, 3), size=40, rgb=True, seed=1, vary=True)
+    # A re-export of a test image (brighter, PNG) filed in Training: a confirmed near-copy, held out of training.
+    brighter = Image.open(project / "images/Testing/7/7_001.png").point(lambda v: min(255, v + 6))
+    brighter.save(project / "images/Training/7/re_export.png")
     run(["git", "add", "-A"], project)
     run(["git", "commit", "-qm", "data"], project)
 
     dvc(project, "repro")
+
+    manifest = read_csv(project / "data/prepared/manifest.csv").set_index("path")
+    assert manifest.linked_to["Training/7/re_export.png"] == "test"
+    held = read_csv(project / "data/split/held_out.csv")
+    assert "Training/7/re_export.png" in set(held.path)
+    assert set(manifest.linked_to[held.path]) == {"test"}  # held out: linked to a test image, and only those
+    for name in ("train", "val"):
+        assert not read_csv(project / f"data/split/{name}.csv").linked_to.str.contains("test").any()
 
     expected = sorted(classes)  # text order: 0, 007, 1, 10, 7
     assert read(project, "models/vgg16/info.json")["classes"] == expected

@@ -14,6 +14,7 @@ from imgclf.results.evaluation import compute_metrics
 from imgclf.results.significance import (
     bootstrap_interval,
     group_weights,
+    grouped_sign_flip,
     macro_f1_present,
     mcnemar_exact,
     paired_bootstrap,
@@ -115,3 +116,51 @@ def test_resampling_memory_grows_with_images_times_classes_not_classes_squared()
     tracemalloc.stop()
     assert peak < 60e6, f"{peak / 1e6:.0f} MB"
     assert interval["accuracy"][0] < np.mean(y == pred) < interval["accuracy"][1]
+
+
+def brute_force_sign_flip(correct_a: np.ndarray, correct_b: np.ndarray, groups: np.ndarray) -> float:
+    """Every one of the 2^G sign patterns over the groups, enumerated."""
+    from itertools import product
+
+    diff = correct_b.astype(int) - correct_a.astype(int)
+    d = np.array([diff[groups == g].sum() for g in np.unique(groups)])
+    observed = abs(d.sum())
+    hits = sum(abs(np.dot(signs, d)) >= observed for signs in product((-1, 1), repeat=len(d)))
+    return hits / 2 ** len(d)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grouped_sign_flip_equals_the_brute_force_permutation(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 60))
+    groups = rng.integers(0, int(rng.integers(3, 13)), n)  # 3-12 groups of unequal sizes
+    correct_a = rng.random(n) < 0.7
+    correct_b = np.where(rng.random(n) < 0.3, ~correct_a, correct_a)
+    assert grouped_sign_flip(correct_a, correct_b, groups) == pytest.approx(
+        brute_force_sign_flip(correct_a, correct_b, groups), abs=1e-12
+    )
+
+
+@pytest.mark.parametrize(("a_only", "b_only"), [(0, 0), (1, 0), (7, 1), (3, 3), (12, 2), (0, 9)])
+def test_grouped_sign_flip_is_exact_mcnemar_when_every_group_is_one_image(a_only: int, b_only: int) -> None:
+    correct_a = np.array([1] * a_only + [0] * b_only + [1] * 40 + [0] * 9, dtype=bool)
+    correct_b = np.array([0] * a_only + [1] * b_only + [1] * 40 + [0] * 9, dtype=bool)
+    expected = mcnemar_exact(correct_a, correct_b)[2]
+    assert grouped_sign_flip(correct_a, correct_b) == pytest.approx(expected, rel=1e-12)
+    assert grouped_sign_flip(correct_a, correct_b, np.arange(len(correct_a))) == pytest.approx(expected, rel=1e-12)
+
+
+def test_three_patients_worse_are_three_pieces_of_evidence_not_thirty() -> None:
+    """20 patients x 10 test images; B gets 3 more patients wholly wrong. Images as the unit: McNemar p = 1.9e-9.
+    Patients as the unit: 3 of 3 discordant patients one way, p = 2 / 2^3 = 0.25; and the paired bootstrap
+    over patients agrees (its interval reaches 0)."""
+    groups = np.repeat(np.arange(20), 10)
+    correct_a = np.ones(200, dtype=bool)
+    correct_b = correct_a.copy()
+    correct_b[:30] = False  # patients 0, 1, 2
+    assert mcnemar_exact(correct_a, correct_b)[2] == pytest.approx(1.86e-9, rel=0.01)
+    assert grouped_sign_flip(correct_a, correct_b, groups) == pytest.approx(0.25)
+    y = np.zeros(200, dtype=int)
+    compared = paired_bootstrap(y, np.where(correct_a, 0, 1), np.where(correct_b, 0, 1), 2, 2000, 0.95, 0, groups)
+    assert compared.p_value == pytest.approx(0.25) and compared.p_value_images < 1e-8
+    assert compared.accuracy_change_interval[1] == pytest.approx(0.0)

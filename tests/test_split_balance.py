@@ -92,7 +92,10 @@ def test_dvc_repro_data_stages_end_to_end(tmp_path: Path) -> None:
     project = make_project(tmp_path)
     make_dataset(project / "images", {"a": 20, "b": 12, "c": 8})
     (project / "images" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    update_params(project, {"data.root": "images"})
+    # One small backbone: balance reads label_issues, which reads cv@ and so features@ of every backbone.
+    update_params(project, {"data.root": "images", "backbones": ["mobilenet"], "features.image_size": 32,
+                            "features.precision_overrides": {"mobilenet": None},
+                            "train.overrides": {"mobilenet": {}}})  # fmt: skip
     result = dvc(project, "repro", "balance", "eda")
     assert "found 41 files: kept 40, skipped 1" in result.stderr + result.stdout
     manifest = pd.read_csv(project / "data/prepared/manifest.csv", keep_default_na=False)

@@ -15,7 +15,15 @@ import yaml
 from imgclf.__main__ import main
 from imgclf.core.errors import UserError
 from imgclf.results.evaluation import write_predictions
-from imgclf.results.experiments import BEYOND, IDENTICAL, RESULT_FILES, WITHIN, judge_all
+from imgclf.results.experiments import (
+    BEYOND,
+    DIFFERENT_PREDICTIONS,
+    IDENTICAL,
+    RESULT_FILES,
+    WITHIN,
+    judge_all,
+    verify_verdicts,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "eel"]
@@ -58,6 +66,9 @@ def repo(tmp_path: Path) -> tuple[Path, np.ndarray, list[str], dict[str, np.ndar
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"backbones": ["m1", "m2"]}))
     for model, pred in predicted.items():
         write_model(tmp_path, model, pred, actual, paths)
+    for trained in ("models/m1/model.keras", "models/m2/model.keras", "models/ensemble.json"):  # a rerun's models
+        (tmp_path / trained).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / trained).write_bytes(b"a trained model")
     git(tmp_path, "init", "-q")
     git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
@@ -142,10 +153,15 @@ def test_result_paths_are_the_ones_dvc_yaml_declares() -> None:
 
 
 def test_the_threshold_is_corrected_for_the_number_of_models(repo) -> None:
-    """6 images flipped one way and none the other: p = 2 / 2^6 = 0.031, below 0.05 but above 0.05 / 3 (three
-    models judged): within noise. Without the correction it would be a false alarm."""
+    """6 images of 6 different groups flipped one way and none the other: p = 2 / 2^6 = 0.031, below 0.05 but
+    above 0.05 / 3 (three models judged): within noise. Without the correction it would be a false alarm."""
     path, actual, paths, predicted = repo
-    write_model(path, "m1", flipped(predicted["m1"], actual, 6), actual, paths)
+    pred, used = predicted["m1"].copy(), set()
+    for i in np.flatnonzero(pred == actual):
+        if i // 2 not in used and len(used) < 6:  # pairs of images share a group (write_model)
+            used.add(i // 2)
+            pred[i] = (actual[i] + 1) % 3
+    write_model(path, "m1", pred, actual, paths)
     judgements, _ = judge_all("HEAD", "workspace", 0.05, 200, 0.95, 0, root=path)
     m1 = next(j for j in judgements if j.model == "m1")
     assert m1.comparison.p_value == pytest.approx(2 / 2**6) and m1.verdict == WITHIN
@@ -195,3 +211,32 @@ def test_an_experiment_name_on_two_baselines_is_ambiguous_and_dvc_machinery_refs
     git(path, "update-ref", f"refs/exps/{'e' * 2}/{'e' * 38}/twin", head)
     with pytest.raises(UserError, match="experiment name 'twin' is ambiguous"):
         judge_all("HEAD", "twin", 0.05, 10, 0.95, 0, root=path)
+
+
+def test_verify_needs_agreement_too_and_says_when_nothing_was_rerun(repo, monkeypatch, capsys) -> None:
+    """30 images flip right to wrong and 30 wrong to right: the same accuracy (p = 1), but 60 of 150 predictions
+    changed, far more than another CPU type changes (agreement 0.89 at the lowest, measured)."""
+    path, actual, paths, predicted = repo
+    monkeypatch.chdir(path)
+    churned = predicted["m1"].copy()
+    right, wrong = np.flatnonzero(churned == actual)[:30], np.flatnonzero(churned != actual)[:30]
+    churned[right], churned[wrong] = (actual[right] + 1) % 3, actual[wrong]
+    write_model(path, "m1", churned, actual, paths)
+    judgements, _ = judge_all("HEAD", "workspace", alpha=0.05, resamples=300, confidence=0.95, seed=0, root=path)
+    m1 = next(j for j in judgements if j.model == "m1")
+    assert m1.verdict == WITHIN and m1.comparison.p_value > 0.5 and m1.comparison.agreement == pytest.approx(0.6)
+    assert {j.model: j.verdict for j in verify_verdicts(judgements, 0.85, path)}["m1"] == DIFFERENT_PREDICTIONS
+    assert {j.model: j.verdict for j in verify_verdicts(judgements, 0.55, path)}["m1"] == WITHIN  # the flag
+    assert main(["verify"]) == 1
+    assert "overall: same accuracy, different predictions" in capsys.readouterr().out
+    assert main(["verify", "--min-agreement", "0.55"]) == 0
+    capsys.readouterr()
+    # A fresh clone where dvc repro never ran: the committed results are REV's own, nothing was reproduced.
+    git(path, "checkout", "-q", ".")
+    for trained in ("models/m1/model.keras", "models/m2/model.keras", "models/ensemble.json"):
+        (path / trained).unlink()
+    assert main(["verify"]) == 0
+    out = capsys.readouterr().out
+    assert "overall: not rerun here" in out and out.count("not rerun here") == 4  # m1, m2, ensemble, overall
+    with pytest.raises(UserError, match="--min-agreement=0"):
+        verify_verdicts(judgements, 0, path)

@@ -17,14 +17,17 @@ from imgclf.core.io import atomic_path
 NEAR_DUPLICATE_COLUMNS = ["path_a", "path_b", "label_a", "label_b", "distance", "score", "confirmed", "same_label"]
 
 
-def resolve_conflicts(manifest: pd.DataFrame, rule: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def resolve_conflicts(
+    manifest: pd.DataFrame, rule: str, provided_wins: bool = True
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Apply the label-conflict rule to kept rows whose content (sha256) appears under several labels.
 
-    A provided test folder is never changed by a copy elsewhere: when a conflicting content has copies in the
-    provided test folder (else the provided validation folder), those copies are kept as given and every other
-    copy is skipped. Otherwise skip: every copy is skipped; majority: copies under the most frequent label are
-    kept, the others skipped, and a tie skips all. Returns the updated manifest and a report (one row per
-    conflicting file)."""
+    With `provided_wins` (data.use_provided_splits), a provided test folder is never changed by a copy elsewhere:
+    when a conflicting content has copies in the provided test folder (else the provided validation folder),
+    those copies are kept as given and every other copy is skipped (a conflict inside that folder itself is
+    kept as given too, and `within_provided` counts it). Otherwise skip: every copy is skipped; majority: copies
+    under the most frequent label are kept, the others skipped, and a tie skips all. Returns the updated
+    manifest and a report (one row per conflicting file)."""
     manifest = manifest.copy()
     ok = manifest[manifest.status == "ok"]
     labels_per_hash = ok.groupby("sha256")["label"].nunique()
@@ -36,6 +39,7 @@ def resolve_conflicts(manifest: pd.DataFrame, rule: str) -> tuple[pd.DataFrame, 
         counts = Counter(group.label)
         ranked = counts.most_common()
         folder = next((name for name in ("test", "val") if (provided[group.index] == name).any()), None)
+        folder = folder if provided_wins else None
         if folder:
             keep_rows = set(group.index[provided[group.index] == folder])
             why = f"a copy is in the provided {'test' if folder == 'test' else 'validation'} folder, kept as given"
@@ -134,7 +138,7 @@ def hamming_pairs_all(hashes: np.ndarray, max_distance: int, block_cells: int = 
 
 
 THUMBNAIL_SIDE = 32  # the confirmation thumbnail's side (bench/near_copies.py: why 32)
-SCORE_DECIMALS = 4  # near_duplicates.csv's score; the confirmation compares the unrounded value
+SCORE_DECIMALS = 6  # near_duplicates.csv's score, floored; the confirmation compares the exact value
 
 
 def confirmation_thumbnail(im: Any, side: int = THUMBNAIL_SIDE) -> np.ndarray:
@@ -151,6 +155,8 @@ def thumbnail_correlation(thumbs: np.ndarray, a: np.ndarray, b: np.ndarray, chun
     The sums are exact integers, so a score is the same on every CPU. Invariant to brightness and contrast
     (a linear change of the pixel values); 1.0 for two flat thumbnails of equal value, 0.0 when one is flat and
     the other not or the two flat values differ (no pattern to compare)."""
+    if len(a) == 0:
+        return np.empty(0, dtype=np.float64)
     flat = thumbs.reshape(len(thumbs), -1)
     m = flat.shape[1]
     total = flat.sum(axis=1, dtype=np.int64)
@@ -211,7 +217,8 @@ class NearDuplicates:
                 "label_a": labels[a],
                 "label_b": labels[b],
                 "distance": self.distance[start:stop].astype(int),
-                "score": np.round(self.score[start:stop], SCORE_DECIMALS),
+                # floored, so that a printed score at or above the threshold is a confirmed one
+                "score": np.floor(self.score[start:stop] * 10**SCORE_DECIMALS) / 10**SCORE_DECIMALS,
                 "confirmed": self.confirmed[start:stop],
                 "same_label": labels[a] == labels[b],
             },
@@ -223,7 +230,7 @@ class NearDuplicates:
             self.frame(0, 0).to_csv(tmp, index=False, lineterminator="\n")
             for start in range(0, len(self), chunk):
                 self.frame(start, start + chunk).to_csv(
-                    tmp, index=False, header=False, mode="a", lineterminator="\n", float_format="%.4f"
+                    tmp, index=False, header=False, mode="a", lineterminator="\n", float_format=f"%.{SCORE_DECIMALS}f"
                 )
 
 
@@ -241,27 +248,39 @@ def near_duplicate_pairs(
     missing = [digest for digest in contents.sha256 if digest not in thumbnails]
     if missing:
         raise ValueError(f"{len(missing)} kept contents have no thumbnail (e.g. sha256 {missing[0][:12]})")
-    used = np.unique(np.concatenate([a, b]))
-    thumbs = np.zeros((len(contents), THUMBNAIL_SIDE, THUMBNAIL_SIDE), dtype=np.uint8)
-    for i in used.tolist():
-        thumbs[i] = thumbnails[contents.sha256[i]]
-    score = thumbnail_correlation(thumbs, a, b)
+    used = np.unique(np.concatenate([a, b]))  # only the candidates' thumbnails, in one array
+    thumbs = np.empty((len(used), THUMBNAIL_SIDE, THUMBNAIL_SIDE), dtype=np.uint8)
+    for row, i in enumerate(used.tolist()):
+        thumbs[row] = thumbnails[contents.sha256[i]]
+    score = thumbnail_correlation(thumbs, np.searchsorted(used, a), np.searchsorted(used, b))
     # contents are sorted by path, so a < b is path_a < path_b and the pairs come sorted by (path_a, path_b)
     return NearDuplicates(contents[["path", "label", "sha256"]], hashes, a, b, distance, score, max_distance, min_score)
 
 
-def chance_pairs(hashes: np.ndarray, max_distance: int, samples: int = 200_000, seed: int = 0) -> float:
+def splitmix64(count: int, seed: int = 0) -> np.ndarray:
+    """`count` pseudo-random uint64 (SplitMix64): written out here so that the numbers, and what is computed
+    from them, do not change with NumPy's generators."""
+    with np.errstate(over="ignore"):
+        z = (np.arange(1, count + 1, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def chance_pairs(hashes: np.ndarray, max_distance: int, samples: int = 200_000) -> float:
     """How many pairs of these hashes would be within `max_distance` bits if pairs were drawn at random: the
-    share of `samples` random pairs of distinct hashes (seeded) within the distance, times all pairs. True
-    copies are too rare among random pairs to move it; on images whose hash bits are not independent (small
-    centred objects on black) it is far above the 64-bit binomial's estimate."""
+    share of `samples` random pairs of distinct hashes within the distance, times all pairs. True copies are
+    too rare among random pairs to move it; on images whose hash bits are not independent (small centred
+    objects on black) it is far above the 64-bit binomial's estimate. The hashes are sorted first and the
+    draws are SplitMix64's, so file names and NumPy's version do not change it."""
     n = len(hashes)
     if n < 2:
         return 0.0
-    rng = np.random.default_rng(seed)
-    i = rng.integers(0, n, samples)
-    j = (i + rng.integers(1, n, samples)) % n  # never i itself
-    share = np.count_nonzero(np.bitwise_count(hashes[i] ^ hashes[j]) <= max_distance) / samples
+    ordered = np.sort(np.asarray(hashes, dtype=np.uint64))
+    draws = splitmix64(2 * samples)
+    i = (draws[:samples] % np.uint64(n)).astype(np.int64)
+    j = (i + 1 + (draws[samples:] % np.uint64(n - 1)).astype(np.int64)) % n  # never i itself
+    share = np.count_nonzero(np.bitwise_count(ordered[i] ^ ordered[j]) <= max_distance) / samples
     return share * n * (n - 1) / 2
 
 

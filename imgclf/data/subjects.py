@@ -68,7 +68,7 @@ def load_key(project: str | Path = ".") -> bytes:
             ) from None
         log.warning(
             "prepare: made a new group-hash key at %s (keep it private and out of git: it keys the subject hashes "
-            "in logs/subjects.csv; see README, 'Medical images')",
+            "in logs/subjects.csv; see docs/medical.md)",
             path,
         )
     try:

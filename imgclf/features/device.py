@@ -103,7 +103,7 @@ def check_precision(precision: str, backbone: str, gpus: list[Any] | None = None
             f"features.precision for {backbone} is float16, but TensorFlow sees no GPU: on a CPU it emulates "
             "float16 (VGG16 at 224 px ran at 0.6x float32 speed here) and a random-init backbone's tiny "
             "activations underflow it. Use bfloat16 on a CPU with AVX-512 BF16 or AMX, float32 otherwise, or "
-            "install the GPU build (README, 'GPU')"
+            "install the GPU build (docs/scale.md, 'GPU')"
         )
     if not set(BF16_CPU_FLAGS) & cpu_flags():
         log.warning(

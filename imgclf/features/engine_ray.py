@@ -171,13 +171,13 @@ def token_error(address: str) -> UserError:
         return UserError(
             f"the Ray cluster at {address} refused this machine: it needs the cluster's token, and the token this "
             f"machine gave (from {token_source()}) is not it; point RAY_AUTH_TOKEN_PATH at a copy of the head's "
-            "token file, see README 'Beyond one machine'"
+            "token file, see docs/scale.md, 'Beyond one machine'"
         )
     given = f"RAY_AUTH_MODE is {mode}" if mode else "RAY_AUTH_MODE is not set, so this machine gave none"
     return UserError(
         f"the Ray cluster at {address} refused this machine: it needs the cluster's token, and {given} (set "
-        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to a copy of the head's token file, see README 'Beyond one "
-        "machine')"
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to a copy of the head's token file, see docs/scale.md, "
+        "'Beyond one machine')"
     )
 
 
@@ -197,7 +197,7 @@ def check_token(address: str, setting: str = "features.ray.address") -> None:
             raise UserError(
                 f"RAY_AUTH_MODE=token, but the token file {source} cannot be read "
                 f"({getattr(exc, 'strerror', None) or exc}); copy the head's token file there "
-                "(or set RAY_AUTH_TOKEN_PATH to it), see README 'Beyond one machine'"
+                "(or set RAY_AUTH_TOKEN_PATH to it), see docs/scale.md, 'Beyond one machine'"
             ) from None
         if empty:
             raise UserError(

@@ -251,11 +251,12 @@ def compute_features(
     kind = "augment" if transform is not None else "features"
     # Without a cache, a store for this pass only (its key does not matter), named to match atomic_path's
     # leftovers pattern: a killed pass's is removed next time.
+    # Made after atomic_path has made the output's folder (a fresh clone has none) and swept old leftovers.
     scratch_name = {"prefix": ".tmp-", "suffix": f"-{Path(out_dir).name}", "dir": Path(out_dir).parent}
-    if cache is None:  # beside the output, whose folder a fresh clone does not have yet
-        Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
-    scratch_store = tempfile.TemporaryDirectory(**scratch_name) if cache is None else nullcontext("")
-    with atomic_path(out_dir) as tmp, scratch_store as scratch:
+    with (
+        atomic_path(out_dir) as tmp,
+        tempfile.TemporaryDirectory(**scratch_name) if cache is None else nullcontext("") as scratch,
+    ):
         tmp.mkdir(parents=True)
         if cache is None:
             store = OutputCache(scratch, kind, {})

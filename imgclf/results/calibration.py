@@ -55,7 +55,8 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> tuple[float, str]:
     """(T, status): the T in [T_MIN, T_MAX] that minimises the log loss of `probs` (N, K) against integer labels
     `y`, rounded to DIGITS decimals, and "fitted"; or (1.0, why not) when the split cannot tell a temperature:
     no rows, probabilities that are not finite, no misclassified row (the loss then keeps falling as T -> 0:
-    any sharpening "helps"), or a fit that ran to a bound. Deterministic: a bounded scalar search (Brent's
+    any sharpening "helps"), or a fit that ran to a bound; (1.0, "kept T = 1 (fit not better)") when the fitted T,
+    once rounded, does not lower the log loss. Deterministic: a bounded scalar search (Brent's
     method) over log T, which the log loss is smooth in, from a fixed bracket; no random start."""
     from scipy.optimize import minimize_scalar
 
@@ -77,7 +78,7 @@ def fit_temperature(probs: np.ndarray, y: np.ndarray) -> tuple[float, str]:
         return 1.0, f"not fitted: the fit ran to its bound ({fitted:g}, bounds {T_MIN:g}-{T_MAX:g})"
     # The search stops within xatol of the optimum; never return a T worse than doing nothing.
     if negative_log_likelihood(probs, y, fitted) > negative_log_likelihood(probs, y, 1.0):
-        return 1.0, "fitted"
+        return 1.0, "kept T = 1 (fit not better)"
     return fitted, "fitted"
 
 

@@ -142,13 +142,24 @@ def summarise(values: list[float], confidence: float, test_train_ratio: float) -
     return {k: round(v, 6) for k, v in {"mean": mean, "sd": sd, "ci_low": mean - half, "ci_high": mean + half}.items()}
 
 
+def test_train_ratio(folds: pd.DataFrame) -> float:
+    """The n_test / n_train of Nadeau and Bengio's correction, from the folds' own counts: each fold's held-out
+    images over the images its head trained on (the other folds less the inner validation part, before
+    oversampling), averaged. Not 1 / (k - 1): the inner validation part is not trained on (at cv.inner_val 0.2
+    and k = 5 the ratio is 0.3125, not 0.25)."""
+    total = folds.groupby("repeat")["images"].transform("sum")  # each image is held out once per repeat
+    trained_on = total - folds["images"] - folds["inner_val_images"]
+    return float((folds["images"] / trained_on).mean())
+
+
 def summary(folds: pd.DataFrame, confidence: float) -> dict[str, Any]:
-    """metrics/cv/<bb>.json: the fold count, repeats, and mean/sd/interval of each metric. The test/train
-    ratio of the correction is the folds' own: held-out images over the images of the rest (1 / (k - 1))."""
+    """metrics/cv/<bb>.json: the fold count, repeats, and mean/sd/interval of each metric, with the correction's
+    test/train ratio from the folds' own counts (test_train_ratio)."""
     k = int(folds.fold.nunique())
     out: dict[str, Any] = {"folds": k, "repeats": int(folds.repeat.nunique())}
+    ratio = test_train_ratio(folds)
     for metric in METRICS:
-        out[metric] = summarise(folds[metric].tolist(), confidence, test_train_ratio=1 / (k - 1))
+        out[metric] = summarise(folds[metric].tolist(), confidence, test_train_ratio=ratio)
     out["ci_level"] = confidence
     out["ci"] = "t, Nadeau-Bengio corrected variance"
     return out

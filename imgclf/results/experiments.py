@@ -5,16 +5,19 @@ A side is a git revision, an experiment name from `dvc exp show` (a ref under re
 revision's files are read with `git show REV:path`, so no DVC cache is needed: the predictions, metrics and
 model records are committed in git.
 
-Decision rule (both commands): a model *differs beyond noise* when the exact McNemar test on its paired test
-predictions gives p < alpha / m, where m is the number of models judged together (Bonferroni; alpha = 0.05 by
-default). Under the null (both sides equally accurate) the chance that any of the m models is flagged is at most
-alpha, whatever the correlation between models: a false alarm in at most 1 run of `verify` in 20. The exact
-test is conservative (its true rate is below alpha). Otherwise *within noise*; *identical* when the committed
+Decision rule (both commands): a model *differs beyond noise* when the exact sign-flip test over the test
+split's groups (significance.grouped_sign_flip: each group's B-only minus A-only right images, the unit the
+bootstrap intervals resample too; exact McNemar when every group is one image) gives p < alpha / m, where m is
+the number of models judged together (Bonferroni; alpha = 0.05 by default). Under the null (both sides equally
+accurate) the chance that any of the m models is flagged is at most alpha, whatever the correlation between
+models: a false alarm in at most 1 run of `verify` in 20. The exact test is conservative (its true rate is
+below alpha). Otherwise *within noise*; *identical* when the committed
 predictions and metrics are the same bytes on both sides.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -34,6 +37,13 @@ from imgclf.results.significance import PairedComparison, paired_bootstrap
 WORKSPACE = "workspace"
 ENSEMBLE = "ensemble"
 IDENTICAL, WITHIN, BEYOND = "identical", "reproduced within noise", "differs beyond noise"
+DIFFERENT_PREDICTIONS = "same accuracy, different predictions"  # verify: agreement below --min-agreement
+NOT_RERUN = "not rerun here"  # verify: the workspace holds REV's committed results, no model of its own
+# verify's default bound on the share of test images whose predicted class is the same on both sides. Measured
+# across three CPU types on the bundled sample (89 test images, docs/reproduce.md): 0.888 to 1.0 per model
+# (Xception lowest); 0.85 leaves a margin of about 3 images below the lowest.
+MIN_AGREEMENT = 0.85
+SEVERITY = [IDENTICAL, NOT_RERUN, WITHIN, DIFFERENT_PREDICTIONS, BEYOND]  # overall: the worst model's verdict
 # Where each model's committed results are; the same paths as dvc.yaml's evaluate and compare stages
 # (tests/test_verify_diff.py checks that they agree).
 RESULT_FILES = {
@@ -285,8 +295,27 @@ def describe_platform(platform: Any) -> str:
 
 
 def overall(judgements: list[Judgement]) -> str:
-    verdicts = {j.verdict for j in judgements}
-    return BEYOND if BEYOND in verdicts else WITHIN if WITHIN in verdicts else IDENTICAL
+    """The worst verdict of the models (identical < not rerun < within noise < different predictions < beyond)."""
+    return max((j.verdict for j in judgements), key=SEVERITY.index, default=IDENTICAL)
+
+
+def verify_verdicts(judgements: list[Judgement], min_agreement: float, workspace: Path) -> list[Judgement]:
+    """verify's reading of each judgement. A reproduction is within noise only when its accuracy is (the grouped
+    test) AND its predictions agree with REV's on at least `min_agreement` of the test images: two models can
+    be equally accurate on different images. A model whose trained files are not in the workspace (a fresh
+    clone, `dvc repro` not run) was not rerun: its committed results are REV's own, nothing was reproduced."""
+    if not 0 < min_agreement <= 1:
+        raise UserError(f"--min-agreement={min_agreement} must be a share of test images, above 0 and at most 1")
+    out = []
+    for j in judgements:
+        trained = workspace / ("models/ensemble.json" if j.model == ENSEMBLE else f"models/{j.model}/model.keras")
+        verdict = j.verdict
+        if not trained.is_file():
+            verdict = NOT_RERUN
+        elif verdict == WITHIN and j.comparison.agreement < min_agreement:
+            verdict = DIFFERENT_PREDICTIONS
+        out.append(dataclasses.replace(j, verdict=verdict))
+    return out
 
 
 def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
@@ -301,7 +330,9 @@ def _interval(change: float, bounds: tuple[float, float]) -> str:
     return f"{change:+.4f} [{bounds[0]:+.4f}, {bounds[1]:+.4f}]"
 
 
-def verify_report(judgements: list[Judgement], names: tuple[str, str], alpha: float) -> str:
+def verify_report(
+    judgements: list[Judgement], names: tuple[str, str], alpha: float, min_agreement: float | None = None
+) -> str:
     rows = []
     for j in judgements:
         c = j.comparison
@@ -311,14 +342,16 @@ def verify_report(judgements: list[Judgement], names: tuple[str, str], alpha: fl
              f"{c.right_to_wrong}/{c.wrong_to_right}", f"{c.p_value:.3g}", j.verdict]
         )  # fmt: skip
     header = ["model", "agreement", f"accuracy {names[0]}", f"accuracy {names[1]}",
-              f"in {names[0]}'s interval", "only-A/only-B right", "McNemar p", "verdict"]  # fmt: skip
+              f"in {names[0]}'s interval", "only-A/only-B right", "p (groups)", "verdict"]  # fmt: skip
     platforms = [f"{names[i]}: {describe_platform(judgements[0].platforms[i])}" for i in (0, 1)] if judgements else []
     return "\n".join(
         [
             _table(header, rows, markdown=False),
             "",
             *platforms,
-            f"rule: exact McNemar on paired test predictions, beyond noise when p < {alpha}/{len(judgements)}",
+            f"rule: exact sign-flip test over the test split's groups (exact McNemar when each group is one image), "
+            f"beyond noise when p < {alpha}/{len(judgements)}"
+            + (f"; within noise also needs agreement >= {min_agreement:g}" if min_agreement is not None else ""),
             f"overall: {overall(judgements)}",
         ]
     )
@@ -336,14 +369,15 @@ def diff_report(judgements: list[Judgement], names: tuple[str, str], alpha: floa
              f"{c.p_value:.3g}", j.verdict.replace("reproduced ", "").replace("differs ", "")]
         )  # fmt: skip
     header = ["model", f"accuracy {a}", f"accuracy {b}", "change [95% CI]", f"macro F1 {a}", f"macro F1 {b}",
-              "change [95% CI]", "right→wrong", "wrong→right", "McNemar p", "verdict"]  # fmt: skip
+              "change [95% CI]", "right→wrong", "wrong→right", "p (groups)", "verdict"]  # fmt: skip
     resampled = {j.resampled for j in judgements}
     n = judgements[0].comparison if judgements else None
     parts = [
         _table(header, rows, markdown),
         "",
         f"{n.images if n else 0} test images, {n.groups if n else 0} {'/'.join(sorted(resampled))} resampled "
-        f"(paired bootstrap); beyond noise: exact McNemar p < {alpha}/{len(judgements)} (Bonferroni). "
+        f"(paired bootstrap); beyond noise: exact sign-flip test over the same units, p < {alpha}/{len(judgements)} "
+        f"(Bonferroni). "
         f"{a}: {describe_platform(judgements[0].platforms[0]) if judgements else ''}; "
         f"{b}: {describe_platform(judgements[0].platforms[1]) if judgements else ''}.",
     ]

@@ -5,7 +5,11 @@ they disagree about correctness carry information. The unit of independence is t
 near-copies, kept in one split by `split`), not the file: a bootstrap that resampled single images would
 treat five copies of one picture as five pieces of evidence and give intervals that are too narrow.
 
-- `mcnemar_exact`: exact (binomial) McNemar test on the discordant pairs.
+- `mcnemar_exact`: exact (binomial) McNemar test on the discordant pairs, images as the unit.
+- `grouped_sign_flip`: the same question with the group as the unit: an exact sign-flip permutation test of
+  the per-group differences (B-only minus A-only right images); it is exact McNemar when every group has one
+  image. The verdicts of `imgclf verify` and `imgclf diff` use it, so that they count what the intervals
+  resample: a patient's ten slices are one piece of evidence, not ten.
 - `bootstrap_interval`: percentile intervals of one model's accuracy and macro F1, resampling groups.
 - `paired_bootstrap`: percentile intervals of the change B - A in accuracy and macro F1, resampling the same
   groups for both models.
@@ -29,6 +33,35 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, in
     n = a_only + b_only
     p = 1.0 if n == 0 else min(1.0, 2.0 * float(binom.cdf(min(a_only, b_only), n, 0.5)))
     return a_only, b_only, p
+
+
+def grouped_sign_flip(correct_a: np.ndarray, correct_b: np.ndarray, groups: np.ndarray | None = None) -> float:
+    """Two-sided p-value of an exact sign-flip permutation test over groups (Fisher's randomisation test for
+    paired data, clustered; Obuchowski 1998 and Durkalski et al. 2003 give the large-sample version). Each
+    group's d = (images only B got right) - (images only A got right); under the null that A and B are
+    exchangeable within every group, each d's sign is + or - with probability 1/2 independently, and
+    p = P(|sum of +-d| >= |sum of d|). The distribution is computed exactly: groups with the same |d| add
+    |d| x (2 Binomial(m, 1/2) - m), convolved across the distinct |d|. Without groups (or one image a group)
+    this is exactly `mcnemar_exact`'s p."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    diff = b.astype(np.int64) - a.astype(np.int64)
+    if groups is None:
+        d = diff
+    else:
+        _, codes = np.unique(np.asarray(groups), return_inverse=True)
+        d = np.bincount(codes, weights=diff).astype(np.int64)
+    d = np.abs(d[d != 0])
+    observed = abs(int((b.astype(np.int64) - a.astype(np.int64)).sum()))
+    if observed == 0 or len(d) == 0:
+        return 1.0
+    pmf = np.ones(1)  # the distribution of the sum, offset by `low`
+    low = 0
+    for value, m in zip(*np.unique(d, return_counts=True), strict=True):
+        part = np.zeros(int(value) * int(m) * 2 + 1)  # m groups of |d| = value: sums -value*m .. value*m
+        part[:: 2 * int(value)] = binom.pmf(np.arange(m + 1), m, 0.5)
+        pmf, low = np.convolve(pmf, part), low - int(value) * int(m)
+    sums = np.arange(len(pmf)) + low
+    return float(min(1.0, pmf[np.abs(sums) >= observed].sum()))
 
 
 def macro_f1_present(confusion: np.ndarray) -> float:
@@ -123,7 +156,8 @@ class PairedComparison:
     macro_f1_change_interval: tuple[float, float]
     right_to_wrong: int  # A right, B wrong
     wrong_to_right: int  # A wrong, B right
-    p_value: float  # exact McNemar, two-sided
+    p_value: float  # exact sign-flip test over groups, two-sided (exact McNemar when groups are single images)
+    p_value_images: float  # exact McNemar over images: what the p-value would be if images were independent
     agreement: float  # share of images with the same predicted class
 
 
@@ -148,7 +182,7 @@ def paired_bootstrap(
         f1_change.append(f1_b - f1_a)
     once = np.ones((1, len(y_true)))
     f1_a, f1_b = float(measure_a(once)[1][0]), float(measure_b(once)[1][0])
-    right_to_wrong, wrong_to_right, p = mcnemar_exact(right_a, right_b)
+    right_to_wrong, wrong_to_right, p_images = mcnemar_exact(right_a, right_b)
     acc_a, acc_b = float(right_a.mean()), float(right_b.mean())
     return PairedComparison(
         images=len(y_true),
@@ -161,6 +195,7 @@ def paired_bootstrap(
         macro_f1_change_interval=tuple(_percentiles(np.concatenate(f1_change), confidence)),  # type: ignore[arg-type]
         right_to_wrong=right_to_wrong,
         wrong_to_right=wrong_to_right,
-        p_value=p,
+        p_value=grouped_sign_flip(right_a, right_b, groups),
+        p_value_images=p_images,
         agreement=float(np.mean(pred_a == pred_b)),
     )
