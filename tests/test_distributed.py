@@ -25,28 +25,29 @@ from helpers import dvc, env, update_params
 
 from imgclf.core.errors import UserError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one local Ray instance at a time
 
 RAY = {"address": "local", "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0}
 
 
-def features_stage(project: Path, out: str) -> subprocess.CompletedProcess:
+def features_stage(project: Path, out: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "stages.features", "vgg16", "--images", "data/split/images.csv", "--out-dir", out]
-    return subprocess.run(cmd, cwd=project, env=env(project), capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=project, env=environ or env(project), capture_output=True, text=True)
 
 
-def predict(project: Path, *args: str) -> pd.DataFrame:
+def predict(project: Path, *args: str, environ: dict[str, str] | None = None) -> pd.DataFrame:
     cmd = [sys.executable, "-m", "imgclf", "predict", "--backbone", "mobilenet", *args]  # its pass in float32
-    result = subprocess.run(cmd, cwd=project, env=env(project), capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=project, env=environ or env(project), capture_output=True, text=True)
     assert result.returncode == 3, result.stderr  # 3: one image could not be read
     assert "Traceback" not in result.stderr and "WARNING" not in result.stderr
     return pd.read_csv(io.StringIO(result.stdout), keep_default_na=False)
 
 
-def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_path: Path) -> None:
-    """On the trained tiny project: features@vgg16 (bfloat16) on Ray writes the local engine's files bit for bit;
-    predict with MobileNet (float32) on Ray gives the local table; a worker that cannot read an image stops
-    features@ with one line."""
+def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_path: Path, token_cluster) -> None:
+    """On the trained tiny project: features@vgg16 (bfloat16) on a local Ray instance writes the local engine's
+    files bit for bit; on a running cluster (the module's head, so that Ray starts once for the rest) predict
+    with MobileNet (float32) gives the local table, and a worker that cannot read an image stops features@
+    with one line."""
     project = copy_of
     # The local pass's outputs are in the cache, but not for Ray (its workers may be other machines): all 38 run.
     update_params(project, {"features.engine": "ray", "features.ray": RAY})
@@ -73,7 +74,10 @@ def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_p
     for src in sorted((project / "images").rglob("*.png"))[:10]:
         shutil.copy(src, folder / f"{src.parent.name}_{src.name}")
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
-    on_ray = predict(project, "--engine", "ray", str(folder))
+    address, token = token_cluster
+    update_params(project, {"features.ray": {**RAY, "address": address}})
+    on_cluster = ray_environ(project, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    on_ray = predict(project, "--engine", "ray", str(folder), environ=on_cluster)
     here = predict(project, str(folder))
     assert list(on_ray.path) == list(here.path) and list(on_ray.predicted) == list(here.predicted)
     assert list(on_ray.error.str.slice(0, 40)) == list(here.error.str.slice(0, 40))  # the corrupt file's row
@@ -86,7 +90,7 @@ def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_p
     victim = sorted((project / "images/ring").glob("*.png"))[0]
     victim.unlink()
     shutil.rmtree(project / ".imgclf-cache")  # the workers must read it (a reused output is checked by the driver)
-    result = features_stage(project, "ray_features_2")
+    result = features_stage(project, "ray_features_2", on_cluster)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
@@ -182,9 +186,10 @@ def token_cluster() -> Iterator[tuple[str, Path]]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops the head's processes on SIGTERM
         try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # its own process group: nothing else on this machine is touched
             os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ from sklearn.metrics import f1_score, log_loss, roc_auc_score
 from imgclf.core.io import read_csv
 from imgclf.results.calibration import brier_score, expected_calibration_error
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]  # DVC commands in `trained`
 
 
 def read(project: Path, path: str):

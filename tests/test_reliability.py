@@ -111,7 +111,7 @@ def test_a_stage_killed_part_way_leaves_nothing_complete_and_repro_finishes_the_
 ) -> None:
     shutil.rmtree(copy_of / ".imgclf-cache")  # the backbone pass computes (reused outputs would end it at once)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "-f"],
+        [sys.executable, "-m", "dvc", "repro", "-f", "-s", stage],  # the stage itself, at once
         cwd=copy_of,
         env=env(copy_of),
         stdout=subprocess.DEVNULL,

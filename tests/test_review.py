@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import dvc, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]  # DVC commands in `trained`
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Headless, and no network at all: every host name resolves to nothing.
