@@ -184,8 +184,10 @@ def verify_command(args: argparse.Namespace) -> int:
         verify_verdicts,
     )
 
-    judgements, notes = judge_all(args.against, WORKSPACE, args.alpha, args.resamples, 0.95, args.seed)
     bound = MIN_AGREEMENT if args.min_agreement is None else args.min_agreement
+    if not 0 < bound <= 1:  # before the bootstrap runs
+        raise UserError(f"--min-agreement={bound} must be a share of test images, above 0 and at most 1")
+    judgements, notes = judge_all(args.against, WORKSPACE, args.alpha, args.resamples, 0.95, args.seed)
     judgements = verify_verdicts(judgements, bound, repository_root())
     if notes:  # another list of backbones: not a reproduction of REV, whatever the shared models say
         raise UserError(
@@ -217,10 +219,14 @@ def _significance_options(parser: argparse.ArgumentParser) -> None:
 
 
 def experiments_command(args: argparse.Namespace) -> int:
-    from imgclf.params import load_params
+    import yaml
+
+    from imgclf.results.experiments import repository_root
     from imgclf.results.exptable import HEADLINE, dvc_exp_show, experiments_table, markdown
 
-    sections = set(load_params())  # params.yaml's sections: which columns of dvc exp show are params
+    # params.yaml's sections (not validated: only their names tell which columns of dvc exp show are params)
+    params_file = repository_root() / "params.yaml"
+    sections = set(yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}) if params_file.is_file() else set()
     table = experiments_table(dvc_exp_show(Path.cwd(), args.dvc_args), sections, (*HEADLINE, *args.metric))
     print(markdown(table) if args.md else table.to_string(index=False))
     return 0
@@ -291,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=verify_command)
     diff = sub.add_parser(
         "diff",
-        help="compare two experiments on the same test images, with paired intervals and McNemar's test",
+        help="compare two experiments on the same test images, with paired intervals and a test over groups",
         description="Compare B with A per model: accuracy and macro F1 changes with paired bootstrap intervals.",
     )
     diff.add_argument("a", help="git revision, experiment name (dvc exp show), or workspace")

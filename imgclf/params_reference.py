@@ -39,8 +39,9 @@ RULES = {
 }
 HEADER = """# Parameters
 
-Every key of `params.yaml`: its type or allowed values, the default the project ships, which stages rerun when it
-changes (from `dvc.yaml`; `<bb>` is each backbone), and what it does (the comment beside it in `params.yaml`).
+Every key of `params.yaml`: its type or allowed values, the default the project ships, the stages that read it
+(their `params` in `dvc.yaml`; `<bb>` is each backbone: a change reruns these and then whatever reads their
+outputs, as far as the outputs change), and what it does (the comment beside it in `params.yaml`).
 Generated from the code by `python -m imgclf.params_reference --write docs/params.md`; a test fails when this
 page and the code disagree. Every stage checks the whole file before it runs: a typo in a key, a value of the
 wrong type or out of range stops it with one line naming the key, the value and the fix.
@@ -86,10 +87,24 @@ def comments(params_text: str) -> dict[str, str]:
             path.pop()
         key = ".".join([k for _, k in path] + [match.group(1)])
         path.append((indent, match.group(1)))
-        column = line.find("#", match.end() + indent)
+        column = comment_column(line, match.end() + indent)
         last = key
         out[key] = line[column + 1 :].strip() if column >= 0 else ""
     return out
+
+
+def comment_column(line: str, start: int) -> int:
+    """Where a YAML comment starts on `line` after `start`: a `#` after white space and outside quotes; -1 if none."""
+    quote = ""
+    for i in range(start, len(line)):
+        char = line[i]
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and line[i - 1] in " \t":
+            return i
+    return -1
 
 
 def stages_of(dvc_yaml: dict[str, Any]) -> dict[str, list[str]]:
@@ -143,10 +158,14 @@ def render(root: Path = ROOT) -> str:
         top = key.split(".")[0]
         if top != section:
             section = top
-            lines += [f"\n## `{top}`\n", "| key | type or values | default | reruns | what it does |", "|" + "---|" * 5]
+            lines += [
+                f"\n## `{top}`\n",
+                "| key | type or values | default | read by | what it does |",
+                "|" + "---|" * 5,
+            ]
             if notes.get(top):
                 lines.insert(len(lines) - 2, f"{notes[top]}\n")
-        reruns = ", ".join(f"`{s}`" for s in rerun_by(key, stages)) or "none (not a dependency)"
+        reruns = ", ".join(f"`{s}`" for s in rerun_by(key, stages)) or "no stage (not a dependency)"
         text = notes.get(key, "").replace("|", "\\|")
         lines.append(f"| `{key}` | {describe_rule(rule)} | {value_text(lookup(params, key))} | {reruns} | {text} |")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TINY, dvc, make_dataset, make_project, run
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that need the trained project last (the order is otherwise kept): with xdist, both workers start on
+    independent tests, and the first to reach a trained test builds the project while the other still has work,
+    instead of waiting two minutes for it."""
+    items.sort(key=lambda item: "trained" in getattr(item, "fixturenames", ()))
+
+
 def build_trained(folder: Path) -> Path:
     project = make_project(folder, TINY)
     make_dataset(project / "images", {"hbar": 16, "vbar": 12, "ring": 10}, size=40, rgb=True)
@@ -28,16 +35,22 @@ def build_trained(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    if not hasattr(request.config, "workerinput"):  # one process (no xdist, or -p no:xdist)
+    if not hasattr(request.config, "workerinput"):  # one process (pytest -n 0)
         return build_trained(tmp_path_factory.mktemp("e2e"))
     shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this session
     with FileLock(str(shared / "trained.lock")):
-        done = shared / "trained.done"
+        done, failed = shared / "trained.done", shared / "trained.failed"
+        if failed.is_file():  # another worker's build failed: fail at once with its error, do not build again
+            pytest.fail(f"building the trained project failed on another worker:\n{failed.read_text()}")
         if not done.is_file():
             folder = shared / "trained"
             shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build_trained(folder)
+            folder.mkdir(exist_ok=True)
+            try:
+                build_trained(folder)
+            except BaseException as exc:
+                failed.write_text(str(exc)[-4000:])
+                raise
             done.write_text("built\n")
         return shared / "trained" / "project"
 
@@ -46,5 +59,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
 def copy_of(trained: Path, tmp_path: Path) -> Path:
     """A private copy (git, DVC cache and all) for a test that changes things."""
     target = tmp_path / "project"
-    shutil.copytree(trained, target, symlinks=True)
+    # .dvc/tmp holds DVC's lock and scratch files of commands that other workers may be running in `trained`
+    shutil.copytree(trained, target, symlinks=True, ignore=lambda folder, _: ["tmp"] if folder.endswith(".dvc") else [])
     return target

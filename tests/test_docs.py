@@ -64,3 +64,13 @@ def test_the_parameter_reference_is_generated_from_the_code() -> None:
     for key, _ in schema_keys():
         row = next(line for line in committed.splitlines() if line.startswith(f"| `{key}` |"))
         assert not row.endswith("|  |"), f"{key} has no comment in params.yaml"
+
+
+def test_comments_are_read_as_yaml_writes_them() -> None:
+    from imgclf.params_reference import comments
+
+    tag = "  tag: x#y  # a value with a hash"
+    lines = ["data:", '  root: "a#b"  # the folder', tag, " " * tag.index("# a") + "# and its continuation"]
+    assert comments("\n".join(lines)) == {
+        "data": "", "data.root": "the folder", "data.tag": "a value with a hash and its continuation"
+    }  # fmt: skip

@@ -17,13 +17,14 @@ from sklearn.metrics import f1_score, log_loss, roc_auc_score
 from imgclf.core.io import read_csv
 from imgclf.results.calibration import brier_score, expected_calibration_error
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained")]  # DVC commands in `trained`
+pytestmark = pytest.mark.slow
 
 
 def read(project: Path, path: str):
     return json.loads((project / path).read_text())
 
 
+@pytest.mark.xdist_group("trained")  # runs DVC in the shared project: one such test at a time
 def test_repro_trains_and_records_every_backbone(trained: Path) -> None:
     for bb in BACKBONES:
         features = read(trained, f"data/features/{bb}/info.json")

@@ -86,8 +86,11 @@ def test_ensemble_averages_the_backbones_and_works_from_outside_the_repo(trained
         "no ensemble record",
     ],
 )
-def test_usage_errors_give_one_line_and_exit_2(trained, args, message):
-    (trained / "empty").mkdir(exist_ok=True)
+def test_usage_errors_give_one_line_and_exit_2(trained, tmp_path, args, message):
+    empty = tmp_path / "empty"  # not in the shared trained project
+    empty.mkdir()
+    args = [str(empty) if a == "empty" else a for a in args]
+    message = message.replace("empty", str(empty))
     result = predict(trained, *args)
     assert result.returncode == 2
     assert message in result.stderr

@@ -237,6 +237,22 @@ def test_verify_needs_agreement_too_and_says_when_nothing_was_rerun(repo, monkey
         (path / trained).unlink()
     assert main(["verify"]) == 0
     out = capsys.readouterr().out
-    assert "overall: not rerun here" in out and out.count("not rerun here") == 4  # m1, m2, ensemble, overall
+    assert "overall: not rerun here" in out
+    assert "not rerun here (no trained model in this workspace): m1, m2, ensemble" in out
     with pytest.raises(UserError, match="--min-agreement=0"):
         verify_verdicts(judgements, 0, path)
+
+
+def test_a_difference_is_never_hidden_as_not_rerun(repo, monkeypatch, capsys) -> None:
+    """Without trained models in the workspace, results that differ from REV's keep their verdict."""
+    path, actual, paths, predicted = repo
+    monkeypatch.chdir(path)
+    for trained in ("models/m1/model.keras", "models/m2/model.keras", "models/ensemble.json"):
+        (path / trained).unlink()
+    write_model(path, "m2", flipped(predicted["m2"], actual, 40), actual, paths)
+    assert main(["verify"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "overall: differs beyond noise" in out
+        and "not rerun here (no trained model in this workspace): m1, ensemble" in out
+    )

@@ -25,7 +25,7 @@ def resolve_conflicts(
     With `provided_wins` (data.use_provided_splits), a provided test folder is never changed by a copy elsewhere:
     when a conflicting content has copies in the provided test folder (else the provided validation folder),
     those copies are kept as given and every other copy is skipped (a conflict inside that folder itself is
-    kept as given too, and `within_provided` counts it). Otherwise skip: every copy is skipped; majority: copies
+    kept as given too, and prepare warns of it). Otherwise skip: every copy is skipped; majority: copies
     under the most frequent label are kept, the others skipped, and a tie skips all. Returns the updated
     manifest and a report (one row per conflicting file)."""
     manifest = manifest.copy()

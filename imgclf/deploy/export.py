@@ -38,7 +38,7 @@ from imgclf.results.predict import Classifier, check_compatible, classify
 FORMATS = {"savedmodel": "saved_model", "tflite": "model.tflite", "onnx": "model.onnx"}
 QUANTIZATIONS = ("none", "float16", "int8")  # TFLite only: float16 weights, or dynamic-range int8 weights
 # Largest absolute probability difference from `imgclf predict` that passes the check, per quantisation.
-# Measured on the sample's models (README, "Deploy a model"): float32 exports 1.2e-7..1.8e-5; float16 and int8
+# Measured on the sample's models (docs/deploy.md): float32 exports 1.2e-7..1.8e-5; float16 and int8
 # weights moved probabilities by up to 7e-3 (VGG16) and 0.2, so those checks fail there (say so with --tolerance).
 TOLERANCES = {"none": 1e-4, "float16": 1e-2, "int8": 0.1}
 # Opset 17: the first with LayerNormalization as one ONNX operator (the head's attention block uses it), and

@@ -302,15 +302,16 @@ def overall(judgements: list[Judgement]) -> str:
 def verify_verdicts(judgements: list[Judgement], min_agreement: float, workspace: Path) -> list[Judgement]:
     """verify's reading of each judgement. A reproduction is within noise only when its accuracy is (the grouped
     test) AND its predictions agree with REV's on at least `min_agreement` of the test images: two models can
-    be equally accurate on different images. A model whose trained files are not in the workspace (a fresh
-    clone, `dvc repro` not run) was not rerun: its committed results are REV's own, nothing was reproduced."""
+    be equally accurate on different images. Results identical to REV's with no trained model in the workspace
+    (a fresh clone, `dvc repro` not run) were not rerun: nothing was reproduced. (Models fetched by `dvc pull`
+    count as present: a pulled workspace reads "identical".) Any other verdict stands."""
     if not 0 < min_agreement <= 1:
         raise UserError(f"--min-agreement={min_agreement} must be a share of test images, above 0 and at most 1")
     out = []
     for j in judgements:
         trained = workspace / ("models/ensemble.json" if j.model == ENSEMBLE else f"models/{j.model}/model.keras")
         verdict = j.verdict
-        if not trained.is_file():
+        if verdict == IDENTICAL and not trained.is_file():  # REV's own bytes, and no model here made them
             verdict = NOT_RERUN
         elif verdict == WITHIN and j.comparison.agreement < min_agreement:
             verdict = DIFFERENT_PREDICTIONS
@@ -352,6 +353,11 @@ def verify_report(
             f"rule: exact sign-flip test over the test split's groups (exact McNemar when each group is one image), "
             f"beyond noise when p < {alpha}/{len(judgements)}"
             + (f"; within noise also needs agreement >= {min_agreement:g}" if min_agreement is not None else ""),
+            *(
+                [f"not rerun here (no trained model in this workspace): {', '.join(not_rerun)}"]
+                if (not_rerun := [j.model for j in judgements if j.verdict == NOT_RERUN])
+                else []
+            ),
             f"overall: {overall(judgements)}",
         ]
     )

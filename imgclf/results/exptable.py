@@ -30,6 +30,8 @@ def experiments_table(show_csv: str, sections: set[str], metrics: tuple[str, ...
     frame = pd.read_csv(io.StringIO(show_csv), dtype=str, keep_default_na=False)
     if frame.empty:
         raise UserError("dvc exp show lists no experiment; run `dvc repro` or `dvc exp run` first")
+    if "Experiment" not in frame or "rev" not in frame:
+        raise UserError("dvc exp show's table has no Experiment or rev column; do not --drop them")
     names = frame.Experiment.where(frame.Experiment != "", frame.rev)
     out = pd.DataFrame({"experiment": names})
     params = [c for c in frame.columns if "/" not in c and ":" not in c and c.split(".")[0] in sections]

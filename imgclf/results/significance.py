@@ -144,7 +144,8 @@ def bootstrap_interval(
 
 @dataclass(frozen=True)
 class PairedComparison:
-    """B against A on the same images: point values, changes with their paired bootstrap interval, McNemar."""
+    """B against A on the same images: point values, changes with their paired bootstrap interval, and the grouped
+    test's p-value (with McNemar's on images beside it, for comparison)."""
 
     images: int
     groups: int
