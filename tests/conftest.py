@@ -20,8 +20,11 @@ from helpers import TINY, dvc, make_dataset, make_project, run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that need the trained project last (the order is otherwise kept): with xdist, both workers start on
     independent tests, and the first to reach a trained test builds the project while the other still has work,
-    instead of waiting two minutes for it."""
+    instead of waiting two minutes for it. They are all marked slow (`-m "not slow"` leaves them out)."""
     items.sort(key=lambda item: "trained" in getattr(item, "fixturenames", ()))
+    for item in items:  # a test of the trained project is an end-to-end test: never in the quick tier
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def build_trained(folder: Path) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from dicom_files import JPEG2000Lossless, RLELossless, mono1_twin, tag_values, write_dicom, write_no_pixels
 from helpers import env, make_project, run, shape_image
 from pydicom import dcmread
@@ -45,6 +46,7 @@ def write_exports(root: Path) -> None:
     (root / "b/notes.dcm").write_text("not DICOM: a text file with a .dcm name\n")
 
 
+@pytest.mark.slow
 def test_dicom_folder_runs_end_to_end_without_leaking_a_patient(tmp_path: Path) -> None:
     params = {
         "data.root": "exports",
