@@ -173,3 +173,15 @@ def test_a_reused_image_whose_file_is_gone_stops_as_a_pass_from_scratch_would(mo
     (root / images.path[2]).unlink()
     with pytest.raises(UserError, match=r"can no longer be read \(no such file; 1 listed images are missing\)"):
         run(mobilenet, images, root, tmp_path / "second", cache=cache)
+
+
+def test_no_cache_on_a_fresh_clone_writes_the_bytes_of_a_pass_with_one(mobilenet: Any, tmp_path: Path) -> None:
+    """features.cache: null where the output's folder does not exist yet (a fresh clone has no data/features/):
+    the scratch store is made beside the output once that folder exists (it failed with FileNotFoundError)."""
+    root = make_dataset(tmp_path / "images", {"a": 3, "b": 3}, size=40)
+    images = image_list(root)
+    fresh = tmp_path / "clone" / "data" / "features" / "mobilenet"
+    assert run(mobilenet, images, root, fresh)["computed"] == 6
+    run(mobilenet, images, root, tmp_path / "cached", cache=tmp_path / "cache")
+    assert output_bytes(fresh) == output_bytes(tmp_path / "cached")
+    assert [p.name for p in fresh.parent.iterdir()] == ["mobilenet"]  # no scratch store left beside it
