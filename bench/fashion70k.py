@@ -76,13 +76,8 @@ def write_images(work: Path) -> None:
     done.write_text("ok\n")
 
 
-def make_project(work: Path, backbone: str, size: int, epochs: int) -> Path:
-    import yaml
-
-    project = work / "project"  # everything but the images is made afresh
-    for old in project.iterdir():
-        if old.name != "images":
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+def copy_pipeline(project: Path) -> None:
+    """This repository's pipeline and code into `project` (its images are the caller's)."""
     (project / "weights").mkdir()  # a dependency of features@ (dvc.yaml), even when empty
     shutil.copy2(ROOT / "weights/README.md", project / "weights/README.md")
     for name in PROJECT_FILES:
@@ -91,6 +86,16 @@ def make_project(work: Path, backbone: str, size: int, epochs: int) -> Path:
             shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, project / name)
+
+
+def make_project(work: Path, backbone: str, size: int, epochs: int) -> Path:
+    import yaml
+
+    project = work / "project"  # everything but the images is made afresh
+    for old in project.iterdir():
+        if old.name != "images":
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    copy_pipeline(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["root"] = "images"
     params["backbones"] = [backbone]

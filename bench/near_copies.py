@@ -164,7 +164,7 @@ def choose(count: int) -> None:
 
 def write_lookalike_project(work: Path) -> dict[str, Any]:
     """The check's images, its planted copies and a DVC project with this pipeline; returns the plants."""
-    from fashion70k import PROJECT_FILES, idx
+    from fashion70k import copy_pipeline, idx
 
     shutil.rmtree(work, ignore_errors=True)
     project = work / "project"
@@ -194,14 +194,7 @@ def write_lookalike_project(work: Path) -> dict[str, Any]:
             copy = f"Training/{label}/planted_{kind}_{k:04d}{'.jpg' if 'jpeg' in name else '.png'}"
             (images / copy).write_bytes(data)
             plants[kind].append((original, copy))
-    (project / "weights").mkdir()
-    shutil.copy2(ROOT / "weights/README.md", project / "weights/README.md")
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, project / name)
+    copy_pipeline(project)
     import yaml
 
     params = yaml.safe_load((project / "params.yaml").read_text())
