@@ -201,10 +201,10 @@ class NearDuplicates:
     def confirmed(self) -> np.ndarray:
         return self.score >= self.min_score
 
-    def across_labels(self, confirmed_only: bool = True) -> int:
+    def across_labels(self) -> int:
+        """Confirmed pairs whose two contents carry different labels."""
         labels = self.contents.label.to_numpy()
-        across = labels[self.a] != labels[self.b]
-        return int(np.count_nonzero(across & self.confirmed if confirmed_only else across))
+        return int(np.count_nonzero((labels[self.a] != labels[self.b]) & self.confirmed))
 
     def frame(self, start: int = 0, stop: int | None = None) -> pd.DataFrame:
         """Pairs start..stop as near_duplicates.csv's rows."""
@@ -291,22 +291,12 @@ def chance_pairs(hashes: np.ndarray, max_distance: int, samples: int = 5_000_000
 
 def group_confirmed(manifest: pd.DataFrame, near: NearDuplicates) -> pd.DataFrame:
     """Set `group` so that every confirmed pair (and their exact copies) shares one: the union of confirmed
-    pairs, each group named by its smallest sha256. A union does not depend on file names or their order, and
-    no confirmed pair can end in two groups, so split (which keeps a group in one split) never separates one."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    pairs (`union_groups`), each group named by its smallest sha256. A union does not depend on file names or
+    their order, and no confirmed pair can end in two groups, so split (which keeps a group in one split) never
+    separates one."""
     keep = near.confirmed
-    n = len(near.contents)
-    graph = coo_matrix((np.ones(int(keep.sum()), dtype=np.int8), (near.a[keep], near.b[keep])), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    sha = near.contents.sha256.to_numpy()
-    smallest = pd.Series(sha).groupby(component).transform("min").to_numpy()
-    group_of = dict(zip(sha, smallest, strict=True))
-    manifest = manifest.copy()
-    ok = (manifest.status == "ok") & manifest.sha256.isin(group_of)
-    manifest.loc[ok, "group"] = manifest.sha256[ok].map(group_of)
-    return manifest
+    paths = near.contents.path.to_numpy()
+    return union_groups(manifest, pd.DataFrame({"path_a": paths[near.a[keep]], "path_b": paths[near.b[keep]]}))
 
 
 def pairs_apart(manifest: pd.DataFrame, near: NearDuplicates) -> int:
