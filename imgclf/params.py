@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from imgclf.core.errors import UserError
+from imgclf.core.errors import UserError, log
 from imgclf.data.dicom import DICOM_WINDOWS, FRAME_CHOICES
 from imgclf.data.images import HIGH_BIT_DEPTH_RULES
 from imgclf.features.backbones import BACKBONES, resolve_weights_path
@@ -25,6 +25,7 @@ PRECISIONS = ("float32", "bfloat16", "float16")  # features.precision; what each
 # data.groups (imgclf/data/subjects.py; prepare checks the pattern and the table's place before it scans).
 GROUP_RULES = ("none", "dicom", "pattern", "csv")
 UNKEYED_RULES = ("stop", "own_group")
+KEY_IN_PATH_RULES = ("stop", "allow")  # a subject's raw key inside its own file's path (subjects.check_key_in_path)
 
 # The shape of params.yaml: a type, a tuple of allowed strings, or a nested section.
 TRAIN_KEYS: dict[str, Any] = {
@@ -64,8 +65,9 @@ SCHEMA: dict[str, Any] = {
             "pattern": "optstr",
             "csv": "optstr",
             "unkeyed": UNKEYED_RULES,
+            "key_in_path": KEY_IN_PATH_RULES,
         },
-        "show_images": "bool",
+        "show_images": "auto_bool",
     },
     "eda": {"samples_per_class": "posint"},
     "split": {"val": "fraction", "test": "fraction"},
@@ -102,6 +104,24 @@ SCHEMA: dict[str, Any] = {
     "cv": {"folds": "nonnegint", "repeats": "posint", "inner_val": "fraction"},
     "label_issues": {"show": "nonnegint", "exclude": "bool"},
 }
+
+
+def images_shown(data: dict[str, Any], dicom_read: bool, stage: str) -> bool:
+    """data.show_images resolved for one stage: `auto` draws no image's pixels when the images are patients'
+    (DICOM was read, or data.groups keys subjects); an explicit true draws them all the same, with a warning."""
+    setting, patients = data["show_images"], dicom_read or data["groups"]["by"] != "none"
+    why = "DICOM files are read" if dicom_read else f"data.groups.by is {data['groups']['by']}"
+    if setting == "auto":
+        if patients:
+            log.info("%s: no image pixels in the plots (data.show_images: auto and %s)", stage, why)
+        return not patients
+    if setting and patients:
+        log.warning(
+            "%s: data.show_images is true although %s: patients' pixels go into the committed plots; set it to "
+            "auto or false unless the images may be shown",
+            stage, why,
+        )  # fmt: skip
+    return bool(setting)
 
 
 def _unknown_key(prefix: str, key: Any, valid: list[str]) -> UserError:
@@ -191,6 +211,10 @@ def _check_value(name: str, value: Any, rule: Any) -> Any:
     if rule == "dicom_tag":  # a known keyword is checked only with data.groups.by: dicom (_check_cross)
         if not isinstance(value, str) or not value:
             raise UserError(f"{name}={value!r} must be a DICOM attribute keyword such as PatientID")
+        return value
+    if rule == "auto_bool":
+        if not isinstance(value, bool) and value != "auto":
+            raise UserError(f"{name}={value!r} must be auto, true or false")
         return value
     if rule == "bool":
         if not isinstance(value, bool):

@@ -23,6 +23,7 @@ RULES = {
     "str": "text",
     "optstr": "text or null",
     "bool": "true or false",
+    "auto_bool": "auto, true or false",
     "posint": "integer > 0",
     "nonnegint": "integer >= 0",
     "posfloat": "number > 0",

@@ -13,7 +13,7 @@ from imgclf.core.io import read_csv, write_csv
 from imgclf.data.augment import AugmentParams, augment_preview
 from imgclf.data.images import ImageRecipe
 from imgclf.data.scan import class_counts
-from imgclf.params import load_params
+from imgclf.params import images_shown, load_params
 from imgclf.results.plots import class_count_plot, class_pie_chart, sample_grid, withheld_picture
 
 
@@ -31,7 +31,8 @@ def main() -> None:
     write_csv(pd.DataFrame({"label": list(counts), "count": list(counts.values())}), args.out_dir / "class_counts.csv")
     class_count_plot(counts, args.out_dir / "class_counts.png")
     class_pie_chart(counts, args.out_dir / "class_pie.png")
-    if not params["data"]["show_images"]:  # patient data: the charts stay, no image's pixels are drawn
+    dicom_read = bool((kept.format == "DICOM").any())  # patients' images? (the same test in evaluate, label_issues)
+    if not images_shown(params["data"], dicom_read, "eda"):  # patient data: the charts stay, no pixels drawn
         withheld_picture(args.out_dir / "samples.png", "Sample images per class")
         withheld_picture(args.out_dir / "augmented.png", "Augmentation preview")
         return

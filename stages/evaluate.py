@@ -3,7 +3,8 @@ calibration (ECE and Brier before and after the model's temperature, reliability
 split's predictions, on which compare picks the best model. Every probability written is calibrated.
 
     python -m stages.evaluate vgg16 --features data/features/vgg16 --split-dir data/split \
-        --model-dir models/vgg16 --metrics metrics/backbones/vgg16.json --plot-dir plots/backbones/vgg16
+        --manifest data/prepared/manifest.csv --model-dir models/vgg16 --metrics metrics/backbones/vgg16.json \
+        --plot-dir plots/backbones/vgg16
 """
 
 import argparse
@@ -16,14 +17,14 @@ from imgclf.core.errors import log, stage_main
 from imgclf.core.io import read_csv, read_json, write_json
 from imgclf.core.repro import seed_everything
 from imgclf.data.images import ImageRecipe
-from imgclf.params import load_params
+from imgclf.params import images_shown, load_params
 
 
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone")
-    for name in ("--features", "--split-dir", "--model-dir", "--metrics", "--plot-dir"):
+    for name in ("--features", "--split-dir", "--manifest", "--model-dir", "--metrics", "--plot-dir"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args()
     params = load_params()
@@ -101,7 +102,9 @@ def main() -> None:
     if per_class:
         chosen = [i for c in classes for i in np.flatnonzero(test.label.to_numpy() == c)[:per_class]]
         maps = attention_model(head).predict(features_of(test.iloc[chosen]), verbose=0)  # (n, h, w)
-        show = params["data"]["show_images"]
+        manifest = read_csv(args.manifest)  # patients' images? DICOM anywhere in the dataset (as eda decides)
+        dicom_read = bool(((manifest.status == "ok") & (manifest.format == "DICOM")).any())
+        show = images_shown(params["data"], dicom_read, f"evaluate@{args.backbone}")
         images = [
             load_or_stop(root / test.path[i], info["image_size"], recipe)
             if show

@@ -62,14 +62,14 @@ def main() -> None:
                 "image_size": features["image_size"],
                 "preprocessing": features["preprocessing"],
                 "precision": precision,
-                # The driver's machine; with the Ray engine the workers' type is not recorded (README).
+                # The driver's machine; with the Ray engine the workers' records key the stored outputs only.
                 "platform": platform_record(),
                 **weights,
             },
             recipe=ImageRecipe.from_params(params["data"]),
             engine=ray_engine(features["ray"]) if on_ray else None,
             cache=features["cache"],
-            # Ray workers' outputs are keyed by what they were given; their machines are not probed (README)
+            # Ray workers' outputs are keyed by what they were given, and each by its own machine (reuse.py)
             cache_record={"ray": {k: features["ray"][k] for k in ("address", "cpus_per_worker", "gpus_per_worker")}}
             if on_ray
             else None,

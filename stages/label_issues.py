@@ -1,6 +1,7 @@
 """label_issues: the train + validation images whose given label the cross-validated models disagree with.
 
-    python -m stages.label_issues --cv-dir plots/cv --out plots/data/label_issues.csv \
+    python -m stages.label_issues --cv-dir plots/cv --manifest data/prepared/manifest.csv \
+        --out plots/data/label_issues.csv \
         --picture plots/data/label_issues.png
 
 Combines the out-of-fold probabilities of every backbone in params.yaml (and every repeat) by averaging
@@ -15,7 +16,7 @@ from pathlib import Path
 from imgclf.core.errors import log, stage_main
 from imgclf.core.io import read_csv, write_csv
 from imgclf.data.images import ImageRecipe
-from imgclf.params import load_params
+from imgclf.params import images_shown, load_params
 from imgclf.results.crossval import ISSUE_COLUMNS, combined_probabilities, rank_label_issues
 from imgclf.results.plots import label_issue_grid
 
@@ -23,7 +24,7 @@ from imgclf.results.plots import label_issue_grid
 @stage_main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("--cv-dir", "--out", "--picture"):
+    for name in ("--cv-dir", "--manifest", "--out", "--picture"):
         parser.add_argument(name, type=Path, required=True)
     args = parser.parse_args()
     params = load_params()
@@ -44,10 +45,15 @@ def main() -> None:
         note = f"no label issues among {len(images)} images"
     else:
         note = f"{len(table)} suspected label errors: see {args.out} (label_issues.show is 0)"
-    if not params["data"]["show_images"] and len(table) and params["label_issues"]["show"]:
-        note = f"{len(table)} suspected label errors: see {args.out} (pictures withheld: data.show_images is false)"
+    show = bool(len(table) and params["label_issues"]["show"])
+    if show:  # patients' images? DICOM anywhere in the dataset (as eda decides)
+        manifest = read_csv(args.manifest)
+        dicom_read = bool(((manifest.status == "ok") & (manifest.format == "DICOM")).any())
+        show = images_shown(params["data"], dicom_read, "label_issues")
+        if not show:
+            note = f"{len(table)} suspected label errors: see {args.out} (pictures withheld: data.show_images)"
     label_issue_grid(
-        table.head(params["label_issues"]["show"] if params["data"]["show_images"] else 0),
+        table.head(params["label_issues"]["show"] if show else 0),
         params["data"]["root"],
         args.picture,
         recipe=ImageRecipe.from_params(params["data"]),

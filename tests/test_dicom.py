@@ -19,7 +19,7 @@ from imgclf.data.dicom import window_to_8bit
 from imgclf.data.images import DEFAULT_RECIPE, ImageRecipe, decode_image, load_image
 from imgclf.data.scan import ScanOptions, scan_folder
 from imgclf.data.split import _allocate, held_out, spanning_groups, split_manifest
-from imgclf.data.subjects import join_groups, keyed_hash, subject_keys
+from imgclf.data.subjects import join_groups, key_in_path, keyed_hash, subject_keys
 
 RNG = np.random.default_rng(7)
 RAW12 = RNG.integers(0, 4096, (48, 40))  # 12-bit stored values, non-square: rows and columns stay apart
@@ -170,7 +170,9 @@ def test_a_dominant_patient_stays_in_train_and_no_split_is_left_empty() -> None:
         assert sum(sizes[i] for i in got["test"]) <= 9 and sum(sizes[i] for i in got["val"]) <= 9
 
 
-DICOM_RULE = {"by": "dicom", "dicom_tag": "PatientID", "pattern": None, "csv": None, "unkeyed": "stop"}
+DICOM_RULE = {
+    "by": "dicom", "dicom_tag": "PatientID", "pattern": None, "csv": None, "unkeyed": "stop", "key_in_path": "stop"
+}  # fmt: skip
 
 
 def split_by_subject(tmp_path: Path, per_patient: dict[int, tuple[str, int]], seed: int = 0):
@@ -262,7 +264,14 @@ def test_pattern_rule_keys_by_the_first_group_and_unkeyed_files_stop(tmp_path: P
             "format": ["JPEG"] * 4,
         }
     )
-    rule = {"by": "pattern", "dicom_tag": "PatientID", "pattern": r"person(\d+)_", "csv": None, "unkeyed": "stop"}
+    rule = {
+        "by": "pattern",
+        "dicom_tag": "PatientID",
+        "pattern": r"person(\d+)_",
+        "csv": None,
+        "unkeyed": "stop",
+        "key_in_path": "stop",
+    }
     with pytest.raises(UserError, match=r"1 kept file\(s\) have no match of .* N/IM-1.jpeg"):
         subject_keys(manifest, tmp_path, rule, b"k" * 32)
     keys = subject_keys(manifest, tmp_path, {**rule, "unkeyed": "own_group"}, b"k" * 32)
@@ -273,18 +282,71 @@ def test_pattern_rule_keys_by_the_first_group_and_unkeyed_files_stop(tmp_path: P
 def test_csv_rule_reads_the_table_inside_the_root(tmp_path: Path) -> None:
     manifest = pd.DataFrame({"path": ["a/1.png", "a/2.png"], "status": ["ok"] * 2, "sha256": ["s1", "s2"]})
     (tmp_path / "groups.csv").write_text("path,group\na/1.png,007\na/2.png,7\n")
-    rule = {"by": "csv", "dicom_tag": "PatientID", "pattern": None, "csv": "groups.csv", "unkeyed": "stop"}
+    rule = {
+        "by": "csv",
+        "dicom_tag": "PatientID",
+        "pattern": None,
+        "csv": "groups.csv",
+        "unkeyed": "stop",
+        "key_in_path": "stop",
+    }
     keys = subject_keys(manifest, tmp_path, rule, b"k" * 32)
     assert keys[0] == keyed_hash("007", b"k" * 32) != keys[1]  # read as text: 007 is not 7
     with pytest.raises(UserError, match=r"outside data\.root"):
         subject_keys(manifest, tmp_path, {**rule, "csv": "../elsewhere.csv"}, b"k" * 32)
 
 
+def test_a_subject_key_in_its_own_path_stops_prepare_without_naming_it(tmp_path: Path) -> None:
+    """A PACS export `<PatientID>/IM0001.dcm`: the key would go into every tracked table of paths."""
+    root = tmp_path / "root"
+    for n, label in ((1, "a"), (2, "a"), (3, "b")):
+        for k in range(2):
+            write_dicom(root / label / f"QXPID{n:04d}ZZ" / f"IM{k:04d}.dcm", RAW12 + 7 * n + k, patient_no=n)
+    manifest = scan_folder(root, ScanOptions())
+    with pytest.raises(
+        UserError, match=r"by=dicom: 6 kept file\(s\) have their subject key \(its DICOM PatientID\)"
+    ) as info:
+        subject_keys(manifest, root, DICOM_RULE, b"k" * 32)
+    assert "QXPID" not in str(info.value) and "IM0000" not in str(info.value)  # neither the key nor a path
+    assert subject_keys(manifest, root, {**DICOM_RULE, "key_in_path": "allow"}, b"k" * 32).nunique() == 3
+    # A table's keys, any case; keys under 4 characters match paths by chance and are let through.
+    manifest = pd.DataFrame({"path": ["a/anon7781_1.png", "a/12.png"], "status": ["ok"] * 2, "sha256": ["s1", "s2"]})
+    rule = {**DICOM_RULE, "by": "csv", "csv": "groups.csv"}
+    (tmp_path / "groups.csv").write_text("path,group\na/anon7781_1.png,ANON7781\na/12.png,12\n")
+    with pytest.raises(UserError, match=r"by=csv: 1 kept file\(s\) .* \(its group in groups\.csv\)"):
+        subject_keys(manifest, tmp_path, rule, b"k" * 32)
+    (tmp_path / "groups.csv").write_text("path,group\na/anon7781_1.png,P1\na/12.png,12\n")
+    assert subject_keys(manifest, tmp_path, rule, b"k" * 32).nunique() == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "written"),
+    [
+        ("DOE^JANE", "a/Doe_Jane/1.dcm", True),  # as a person reads it: no case, separators or punctuation
+        ("AB 1234", "a/ab-1234.dcm", True),
+        ("0003", "a/0003/IM1.dcm", True),  # digits only: standing on their own
+        ("0003", "a/p_0003_1.png", True),
+        ("0003", "a/IM0003.dcm", False),  # inside a longer name or number: chance, not the key
+        ("0003", "a/20003/x.dcm", False),
+        ("123", "a/123/x.dcm", False),  # under 4 characters
+    ],
+)
+def test_a_key_is_found_in_a_path_as_a_person_would_read_it(key: str, path: str, written: bool) -> None:
+    assert key_in_path(key, path) is written
+
+
 def test_the_split_does_not_depend_on_the_hash_key(tmp_path: Path) -> None:
     per_patient = {n: ("a" if n < 6 else "b", 2 + n % 3) for n in range(12)}
     root = subject_folder(tmp_path / "root", per_patient)
     manifest = scan_folder(root, ScanOptions())
-    groups = {"by": "dicom", "dicom_tag": "PatientID", "pattern": None, "csv": None, "unkeyed": "stop"}
+    groups = {
+        "by": "dicom",
+        "dicom_tag": "PatientID",
+        "pattern": None,
+        "csv": None,
+        "unkeyed": "stop",
+        "key_in_path": "stop",
+    }
     outputs = []
     for key in (b"1" * 32, b"2" * 32):
         joined = join_groups(manifest, subject_keys(manifest, root, groups, key))
@@ -302,7 +364,7 @@ def test_no_identifying_value_in_anything_written(tmp_path: Path) -> None:
     subject_folder(project / "dicom", per_patient)
     write_no_pixels(project / "dicom/a/report.dcm", patient_no=0)
     key_file = tmp_path / "secret" / "group.key"
-    update_params(project, {"data.root": "dicom", "data.groups.by": "dicom", "data.show_images": False})
+    update_params(project, {"data.root": "dicom", "data.groups.by": "dicom"})  # data.show_images: auto
     update_params(project, {"split.val": 0.2, "split.test": 0.2})
     environ = env(project) | {"IMGCLF_GROUP_KEY_FILE": str(key_file)}
     out = run([sys.executable, "-m", "dvc", "repro", "split", "eda"], project, environ=environ)
@@ -318,7 +380,8 @@ def test_no_identifying_value_in_anything_written(tmp_path: Path) -> None:
         if p.is_file() and "dicom" not in p.relative_to(project).parts[:1] and ".git" not in p.parts
     ]
     assert any(p.name == "manifest.csv" for p in written)
-    for picture in ("samples.png", "augmented.png"):  # data.show_images: false: a one-line note, not a grid
+    assert "no image pixels in the plots (data.show_images: auto and DICOM files are read)" in out.stderr + out.stdout
+    for picture in ("samples.png", "augmented.png"):  # data.show_images: auto on DICOM: a note, not a grid
         with Image.open(project / "plots/eda" / picture) as im:
             assert im.height * 3 < im.width, (picture, im.size)
     for path in written:  # every file of the project but the input folder: outputs, DVC's cache, dvc.lock

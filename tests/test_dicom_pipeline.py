@@ -50,8 +50,7 @@ def write_exports(root: Path) -> None:
 def test_dicom_folder_runs_end_to_end_without_leaking_a_patient(tmp_path: Path) -> None:
     params = {
         "data.root": "exports",
-        "data.groups.by": "dicom",
-        "data.show_images": False,
+        "data.groups.by": "dicom",  # data.show_images stays auto: no pixels drawn, as DICOM is read
         "backbones": ["mobilenet"],
         "features.weights": "none",
         "features.image_size": 32,
@@ -67,6 +66,9 @@ def test_dicom_folder_runs_end_to_end_without_leaking_a_patient(tmp_path: Path) 
     write_exports(project / "exports")
     environ = env(project) | {"IMGCLF_GROUP_KEY_FILE": str(tmp_path / "key" / "group.key")}
     run([sys.executable, "-m", "dvc", "repro"], project, environ=environ, timeout=1200)
+    log = (project / "logs/imgclf.log").read_text(encoding="utf-8")
+    for stage in ("eda", "evaluate@mobilenet"):
+        assert f"{stage}: no image pixels in the plots (data.show_images: auto and DICOM files are read)" in log
 
     manifest = pd.read_csv(project / "data/prepared/manifest.csv", dtype=str, keep_default_na=False)
     exports = project / "exports"

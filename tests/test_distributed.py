@@ -60,7 +60,7 @@ def test_the_ray_engine_computes_what_the_local_engine_does(copy_of: Path, tmp_p
         assert (remote / name).read_bytes() == (local / name).read_bytes(), name
     passes = [line for line in (project / "logs/imgclf.log").read_text().splitlines() if " computed (" in line]
     assert "38 computed (" in passes[-1] and "bfloat16, ray at local, 2 workers)" in passes[-1]
-    # Again on Ray: the workers' outputs are reused, nothing computed, no worker started, the same bytes.
+    # Again on Ray: the nodes are asked what they are (one probe), their outputs reused, nothing computed.
     assert features_stage(project, "ray_reused").returncode == 0
     passes = [line for line in (project / "logs/imgclf.log").read_text().splitlines() if " computed (" in line]
     assert ": 0 computed (" in passes[-1] and "38 reused" in passes[-1]

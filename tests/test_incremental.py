@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,76 @@ def test_no_cache_on_a_fresh_clone_writes_the_bytes_of_a_pass_with_one(mobilenet
     run(mobilenet, images, root, tmp_path / "cached", cache=tmp_path / "cache")
     assert output_bytes(fresh) == output_bytes(tmp_path / "cached")
     assert [p.name for p in fresh.parent.iterdir()] == ["mobilenet"]  # no scratch store left beside it
+
+
+class TwoMachineEngine:
+    """An engine standing in for a Ray cluster of two node types: it computes here, at the local pass's shapes,
+    and says that the rows of every other batch came from machine "B"."""
+
+    def __init__(self, model: Any, nodes: list[str]) -> None:
+        self.model, self.nodes = model, nodes
+
+    def machines(self) -> list[str]:
+        return [json.dumps({"cpu_vendor": node, "cpu_flags": []}, sort_keys=True) for node in self.nodes]
+
+    def __call__(self, model_file, paths, image_size, batch_size, recipe, desc):
+        from imgclf.features.backbone_pass import iter_features
+
+        for k, block in enumerate(iter_features(self.model, paths, image_size, batch_size, recipe, desc)):
+            node = self.nodes[k % len(self.nodes)]
+            yield block, [json.dumps({"cpu_vendor": node, "cpu_flags": []}, sort_keys=True)] * len(block)
+
+
+def test_each_rows_output_is_keyed_by_the_machine_that_computed_it(mobilenet: Any, tmp_path: Path, caplog) -> None:
+    """Issue 33: with Ray the key held the driver's machine record, so a node of another type joining changed
+    the bits but not the key. Now each row is stored under its worker's record, a pass reuses only the node
+    types its cluster has, and a pass mixing types warns."""
+    root = make_dataset(tmp_path / "images", {"a": 5, "b": 5}, size=40)
+    images = image_list(root)
+    cache = tmp_path / "cache"
+    with caplog.at_level("WARNING", logger="imgclf"):
+        done = run(
+            mobilenet, images, root, tmp_path / "mixed", cache=cache, engine=TwoMachineEngine(mobilenet, ["A", "B"])
+        )
+    assert done["computed"] == 10
+    assert any("computed on 2 machine types (A no listed flags; B" in r.message for r in caplog.records)
+    keys = [json.loads((d / "key.json").read_text())["machine"]["cpu_vendor"] for d in (cache / "features").iterdir()]
+    assert sorted(keys) == ["A", "B"]  # batches 1 and 3 (6 rows) under A, batch 2 (4 rows) under B
+    run(mobilenet, images, root, tmp_path / "here")  # the same bytes as a local pass
+    assert output_bytes(tmp_path / "mixed")[FEATURES_FILE] == output_bytes(tmp_path / "here")[FEATURES_FILE]
+    # A cluster of A nodes only: B's rows are not reused (its bits are B's), they are computed on A.
+    only_a = TwoMachineEngine(mobilenet, ["A"])
+    done = run(mobilenet, images, root, tmp_path / "only_a", cache=cache, engine=only_a)
+    assert (done["computed"], done["reused"]) == (4, 6)
+    done = run(mobilenet, images, root, tmp_path / "again", cache=cache, engine=only_a)
+    assert (done["computed"], done["reused"]) == (0, 10)
+    caplog.clear()  # without a cache a mixed pass warns all the same
+    with caplog.at_level("WARNING", logger="imgclf"):
+        run(mobilenet, images, root, tmp_path / "nocache", engine=TwoMachineEngine(mobilenet, ["A", "B"]))
+    assert any("computed on 2 machine types" in r.message for r in caplog.records)
+    assert output_bytes(tmp_path / "nocache")[FEATURES_FILE] == output_bytes(tmp_path / "here")[FEATURES_FILE]
+
+
+def test_where_a_gpu_runs_its_cuda_cudnn_cublas_and_driver_versions_are_in_the_key(monkeypatch, tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    from imgclf.features import device
+    from imgclf.features.reuse import OutputCache, machine_record
+
+    if not device.visible_gpus():  # no GPU: the record (and every result holding it) as before
+        assert "gpu_stack" not in machine_record()
+    monkeypatch.setattr(device, "visible_gpus", lambda: [type("GPU", (), {"name": "/physical_device:GPU:0"})()])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda d: {"device_name": "NVIDIA T4"})
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n")
+    monkeypatch.setattr(device, "NVIDIA_DRIVER_FILE", driver)
+    versions = {"nvidia-cudnn-cu12": "9.1.0.70", "nvidia-cublas-cu12": "12.4.5.8"}
+    monkeypatch.setattr(device, "_library_version", lambda wheel, sonames, function: versions[wheel])
+    record = machine_record()
+    assert record["gpus"] == ["NVIDIA T4"]
+    assert {k: record["gpu_stack"][k] for k in ("cudnn", "cublas", "driver")} == {
+        "cudnn": "9.1.0.70", "cublas": "12.4.5.8", "driver": "550.54.14"
+    }  # fmt: skip
+    first = OutputCache(tmp_path / "cache", "features", {"machine": record}).directory
+    versions["nvidia-cudnn-cu12"] = "9.3.0.75"  # another cuDNN picks other kernels: another key
+    assert OutputCache(tmp_path / "cache", "features", {"machine": machine_record()}).directory != first

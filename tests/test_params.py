@@ -12,7 +12,7 @@ import yaml
 from helpers import ROOT, env
 
 from imgclf.core.errors import UserError
-from imgclf.params import load_params, train_params, validate
+from imgclf.params import images_shown, load_params, train_params, validate
 
 DEFAULTS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -68,6 +68,7 @@ CASES = {
         changed(data__window=[99, 1]),
         "data.window=[99, 1] must be two percentiles [low, high] with 0 <= low < high <= 100",
     ),
+    "show images": (changed(data__show_images="yes"), "data.show_images='yes' must be auto, true or false"),
     "high bit depth rule": (
         changed(data__high_bit_depth="clip"),
         "data.high_bit_depth='clip' is not one of: window, bit_depth, full_range",
@@ -139,3 +140,23 @@ def test_bit_depth_needs_the_datasets_bits_and_max_pixels_stays_within_pillows_h
     assert validate(changed(data__high_bit_depth="bit_depth", data__bits_stored=12))
     with pytest.raises(UserError, match=r"data.max_pixels=200000000 is above 178956970"):
         validate(changed(data__max_pixels=200_000_000))
+
+
+@pytest.mark.parametrize(
+    ("setting", "dicom_read", "by", "shown", "warned"),
+    [
+        ("auto", False, "none", True, False),
+        ("auto", True, "none", False, False),  # DICOM read: patients' images
+        ("auto", False, "pattern", False, False),  # subjects keyed: patients' images
+        (True, True, "dicom", True, True),  # an explicit true wins, with a warning
+        (True, False, "none", True, False),
+        (False, False, "none", False, False),
+    ],
+)
+def test_show_images_auto_withholds_patients_pixels(setting, dicom_read, by, shown, warned, caplog) -> None:
+    data = validate(
+        changed(data__show_images=setting, data__groups={**DEFAULTS["data"]["groups"], "by": by, "pattern": "p(\\d+)_"})
+    )["data"]
+    with caplog.at_level("INFO", logger="imgclf"):
+        assert images_shown(data, dicom_read, "eda") is shown
+    assert any("patients' pixels go into the committed plots" in r.message for r in caplog.records) is warned

@@ -162,11 +162,48 @@ def check_rule(root: str | Path, groups: dict[str, Any]) -> None:
         csv_path(root, groups["csv"])
 
 
+KEY_IN_PATH_MIN = 4  # shorter keys (a patient "12") match paths by chance, and identify nobody alone
+
+
+def key_in_path(key: str, path: str) -> bool:
+    """Whether a subject key is written in a path, as a person would read it: letters and digits compared without
+    case, separators or punctuation (`DOE^JANE` in `Doe_Jane/`, `AB 1234` in `ab-1234.dcm`); a key of digits only
+    must stand on its own, not inside a longer name or number (patient `0003` in `0003/IM1.dcm` or
+    `p_0003_1.png`, not in `IM0003.dcm` or `20003/`)."""
+    letters = re.sub(r"[\W_]+", "", key).casefold()
+    if len(letters) < KEY_IN_PATH_MIN:
+        return False
+    if letters.isdigit():
+        return re.search(rf"(?<![^\W_]){re.escape(letters)}(?![^\W_])", path) is not None
+    return letters in re.sub(r"[\W_]+", "", path).casefold()
+
+
+def check_key_in_path(raw: pd.Series, paths: pd.Series, groups: dict[str, Any]) -> None:
+    """Stop when a file's own raw subject key is written in its path relative to data.root (key_in_path), as in a
+    PACS export `<PatientID>/IM0001.dcm`: the paths go into tracked files (the manifest, predictions, out-of-fold
+    and label-issue tables), the key with them. With `by: pattern` the key is in the path by the rule's own
+    definition, and data.groups.key_in_path: allow accepts keys that are already public pseudonyms. The message
+    names neither a key nor a path (both would identify)."""
+    rule = groups["by"]
+    if rule not in ("dicom", "csv") or groups["key_in_path"] == "allow":
+        return
+    hits = sum(1 for key, path in zip(raw, paths, strict=True) if key and key_in_path(key, path))
+    if hits:
+        source = f"its DICOM {groups['dicom_tag']}" if rule == "dicom" else f"its group in {groups['csv']}"
+        raise UserError(
+            f"data.groups.by={rule}: {hits} kept file(s) have their subject key ({source}) in their own path under "
+            "data.root, and paths are written to tracked files (the manifest, predictions.csv, oof.csv, "
+            "label_issues.csv); rename those folders or files (e.g. to a study number), or set "
+            "data.groups.key_in_path: allow if the keys are public pseudonyms"
+        )
+
+
 def subject_keys(manifest: pd.DataFrame, root: str | Path, groups: dict[str, Any], key: bytes) -> pd.Series:
     """Each kept row's subject as a keyed hash (the raw key never leaves this function). Rows the rule cannot
     key stop the run with one line naming the first few, unless data.groups.unkeyed is own_group: each is then
     its own subject (its content hash)."""
     raw = raw_keys(manifest, root, groups)
+    check_key_in_path(raw, manifest.path[raw.index], groups)
     missing = raw[raw == ""]
     if len(missing):
         rule = groups["by"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -36,9 +36,18 @@ EXTRACTOR_KEYS = ("backbone", "image_size", "preprocessing", "precision", "weigh
 
 # (index of the image in the list, image (S, S, 3) 0..255) -> transformed image; used to make augmented variants
 Transform = Callable[[int, np.ndarray], np.ndarray]
-# Runs a saved extractor elsewhere: (extractor file, paths, image size, batch size, recipe, description) ->
-# its outputs batch by batch, in row order (engine_ray.ray_engine)
-Engine = Callable[[Path, list[Path], int, int, ImageRecipe, str], Iterator[np.ndarray]]
+
+
+class Engine(Protocol):
+    """Runs a saved extractor elsewhere (engine_ray.RayEngine): called with (extractor file, paths, image size,
+    batch size, recipe, description), it yields the outputs batch by batch in row order, each block with the
+    machine record (JSON) of whoever computed each row; `machines()` lists the records of where it may run."""
+
+    def __call__(
+        self, model_file: Path, paths: list[Path], image_size: int, batch_size: int, recipe: ImageRecipe, desc: str
+    ) -> Iterator[tuple[np.ndarray, list[str]]]: ...
+
+    def machines(self) -> list[str]: ...
 
 
 def load_or_stop(path: Path, image_size: int, recipe: ImageRecipe) -> np.ndarray:

@@ -71,8 +71,9 @@ def platform_record() -> dict[str, Any]:
     except OSError:  # not Linux
         pass
     flags = cpu_flags()
-    gpus = [tf.config.experimental.get_device_details(d).get("device_name", d.name) for d in visible_gpus()]
-    return {
+    devices = visible_gpus()
+    gpus = [tf.config.experimental.get_device_details(d).get("device_name", d.name) for d in devices]
+    record = {
         "machine": platform.machine(),
         "cpu_vendor": vendor,
         "cpu_flags": [f for f in KERNEL_CPU_FLAGS if f in flags],
@@ -81,6 +82,62 @@ def platform_record() -> dict[str, Any]:
         "keras": keras.__version__,
         "numpy": np.__version__,
     }
+    if devices:  # only where a GPU runs: a CPU machine's record (and the results that hold it) stays as it was
+        record["gpu_stack"] = gpu_stack()
+    return record
+
+
+# The NVIDIA libraries that choose a GPU's kernels besides its model. tensorflow[and-cuda] loads them from pip
+# wheels (nvidia-cudnn-cu12, nvidia-cublas-cu12): their versions are the wheels'. A system installation has no
+# wheel: its library is asked (versioned sonames only, never a bare libcudnn.so that TensorFlow may not load).
+GPU_LIBRARIES = {
+    "cudnn": ("nvidia-cudnn-cu12", ("libcudnn.so.9", "libcudnn.so.8"), "cudnnGetVersion"),
+    "cublas": ("nvidia-cublas-cu12", ("libcublasLt.so.12", "libcublasLt.so.11"), "cublasLtGetVersion"),
+}
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+
+
+def _library_version(wheel: str, sonames: tuple[str, ...], function: str) -> str | None:
+    """A library's version: its pip wheel's, else the number the library reports (cuDNN 9.1.0 -> 90100)."""
+    import ctypes
+    from importlib import metadata
+
+    try:
+        return metadata.version(wheel)
+    except metadata.PackageNotFoundError:
+        pass
+    for name in sonames:
+        try:
+            call = getattr(ctypes.CDLL(name), function)
+        except (OSError, AttributeError):
+            continue
+        call.restype = ctypes.c_size_t
+        return str(call())
+    return None
+
+
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version (`... Kernel Module  550.54.14 ...` in /proc; None elsewhere)."""
+    try:
+        first = NVIDIA_DRIVER_FILE.read_text(encoding="utf-8", errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    found = [word for word in first.split() if word[:1].isdigit() and word.count(".") >= 1]
+    return found[0] if found else None
+
+
+def gpu_stack() -> dict[str, Any]:
+    """Where a GPU runs, what picks its kernels besides its model: the CUDA and cuDNN TensorFlow was built with,
+    the cuDNN and cuBLAS installed for it (GPU_LIBRARIES), and the driver (null when not found: a record never
+    claims a version it did not read)."""
+    import tensorflow as tf
+
+    build = tf.sysconfig.get_build_info()
+    stack: dict[str, Any] = {"cuda": build.get("cuda_version"), "cudnn_build": build.get("cudnn_version")}
+    for name, (wheel, sonames, function) in GPU_LIBRARIES.items():
+        stack[name] = _library_version(wheel, sonames, function)
+    stack["driver"] = driver_version()
+    return stack
 
 
 def visible_gpus() -> list[Any]:

@@ -16,6 +16,7 @@ Ray is imported here only, and installed only on request (`pip install -r requir
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from imgclf.core.logs import Progress
 from imgclf.data.images import ImageRecipe
 
 INSTALL_HINT = "install it with `pip install -r requirements-ray.txt`, or use the local engine"
+PROBE_TIMEOUT_S = 120  # each node's machine record (cluster_machines): a TensorFlow import, seconds when idle
 CONNECT_TIMEOUT_S = 5  # a quick TCP check first: Ray itself retries an unreachable head for minutes
 
 
@@ -295,6 +297,7 @@ class BatchModel:
                 "requirements-gpu.txt on that node (and check `nvidia-smi`), or set gpus_per_worker to 0"
             )
         check_precision(model_precision(self.model), self.model.name, gpus=gpus)
+        self.machine = worker_machine()  # what this worker's outputs are keyed by (reuse.compute_features)
         self.checked = True
 
     def load(self, path: str) -> Any:
@@ -318,7 +321,48 @@ class BatchModel:
             outputs.append(predict_padded(self.model, np.stack(images), max(self.batch_size, len(images))))
             rows.append(np.arange(start, start + len(paths)))
             errors += problems
-        return {"row": np.concatenate(rows), "output": np.concatenate(outputs), "error": np.array(errors, dtype=str)}
+        rows_ = np.concatenate(rows)
+        return {
+            "row": rows_,
+            "output": np.concatenate(outputs),
+            "error": np.array(errors, dtype=str),
+            "machine": np.array([self.machine] * len(rows_), dtype=str),
+        }
+
+
+def worker_machine() -> str:
+    """This process's machine record (reuse.machine_record) as canonical JSON, after the seeding every worker
+    does first (so that a probe and an actor on one node report the same record)."""
+    from imgclf.core.repro import seed_everything
+    from imgclf.features.reuse import machine_record
+
+    seed_everything(0)
+    return json.dumps(machine_record(), sort_keys=True, default=str)
+
+
+def cluster_machines(options: dict[str, Any]) -> list[str]:
+    """The machine records (worker_machine) of the cluster's nodes that can host a worker, one task pinned to each
+    node, deduplicated and sorted: whose stored outputs a pass on this cluster may reuse."""
+    ray = connect(options)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cpus, gpus = options["cpus_per_worker"], options["gpus_per_worker"]
+    nodes = [
+        node["NodeID"]
+        for node in ray.nodes()
+        if node.get("Alive")
+        and node.get("Resources", {}).get("CPU", 0) >= cpus
+        and node.get("Resources", {}).get("GPU", 0) >= gpus
+    ]
+    probe = ray.remote(num_cpus=cpus, num_gpus=gpus)(worker_machine)
+    pinned = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+    try:
+        return sorted(set(ray.get(pinned)))
+    except ray.exceptions.RayError as exc:
+        cause = unwrap(exc)
+        raise UserError(
+            f"the Ray engine failed asking its nodes what they are: {type(cause).__name__}: {cause}"
+        ) from None
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -398,18 +442,30 @@ def ray_batches(
         raise RuntimeError(f"Ray returned {expected} rows for {len(paths)} images")
 
 
-def ray_engine(options: dict[str, Any]) -> Callable[..., Iterator[np.ndarray]]:
-    """features.compute_features' `engine` for `features.ray`: ray_batches with a progress line."""
+class RayEngine:
+    """features.compute_features' `engine` for `features.ray`: ray_batches with a progress line, each block with
+    the machine record of the worker that computed each row; `machines()` probes the cluster's nodes."""
 
-    def run(
-        model_file: Path, paths: list[Path], image_size: int, batch_size: int, recipe: ImageRecipe, desc: str
-    ) -> Iterator[np.ndarray]:
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def machines(self) -> list[str]:
+        return cluster_machines(self.options)
+
+    def __call__(
+        self, model_file: Path, paths: list[Path], image_size: int, batch_size: int, recipe: ImageRecipe, desc: str
+    ) -> Iterator[tuple[np.ndarray, list[str]]]:
         with Progress(len(paths), f"{desc} on ray") as progress:
-            for out in ray_batches(model_file, paths, image_size, batch_size, recipe, options):
+            for out in ray_batches(model_file, paths, image_size, batch_size, recipe, self.options):
                 progress.update(len(out["row"]))
-                yield np.asarray(out["output"], dtype=np.float32)
+                # One string object per machine type, shared by its rows: the driver's memory stays per batch.
+                names, which = np.unique(np.asarray(out["machine"]), return_inverse=True)
+                shared = [sys.intern(str(name)) for name in names]
+                yield np.asarray(out["output"], dtype=np.float32), [shared[k] for k in which.ravel()]
 
-    return run
+
+def ray_engine(options: dict[str, Any]) -> RayEngine:
+    return RayEngine(options)
 
 
 def worker_count(options: dict[str, Any], images: int, batch_size: int) -> int:

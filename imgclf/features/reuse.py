@@ -16,10 +16,14 @@ backbone at one shape (backbone_pass.predict_padded).
 The key (a SHA-256 of the record each OutputCache is opened with) covers: the extractor's architecture and
 every weight's bytes (backbone, weights, image size, precision, preprocessing), the image recipe, the batch
 shape, the engine (this process or Ray workers), the augmentation strengths and seed (augment@), the machine
-in the terms that decide the bits (CPU vendor and flags, GPU models, the threads this process may use,
-TensorFlow's oneDNN and XLA switches; TensorFlow, Keras, NumPy, Pillow, pydicom and pylibjpeg versions), a
-format version, and the source of the modules that turn a file into an output (`CODE_MODULES`). Anything else
-changing gives a new key: nothing is reused.
+in the terms that decide the bits (CPU vendor and flags, GPU models and, where a GPU runs, the CUDA, cuDNN,
+cuBLAS and driver versions (device.gpu_stack), the threads this process may use, TensorFlow's oneDNN and XLA switches;
+TensorFlow, Keras, NumPy, Pillow, pydicom and pylibjpeg versions), a format version, and the source of the
+modules that turn a file into an output (`CODE_MODULES`). Anything else changing gives a new key: nothing is
+reused. On Ray the machine is each worker's own: every worker reports its record with its rows, each row is
+stored under the record of the machine that computed it (a cluster of two node types stores two keys), and a
+pass reuses only the outputs of node types its cluster has now (one probe task per node asks). A pass whose
+rows come from several machine types says so in a warning.
 
 Why not DVC's `persist`: a persisted output turns off DVC's run cache for its stage and keeps only the last
 pass, so switching back to an earlier image size would recompute every image. Why not DVC's own cache: its
@@ -131,6 +135,8 @@ class OutputCache:
     new outputs, `read` reads them back in any order."""
 
     def __init__(self, root: str | Path, kind: str, record: dict[str, Any]) -> None:
+        self.record = record
+        self.machine = json.dumps(record.get("machine"), sort_keys=True, default=str)  # who computed its outputs
         key = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
         self.directory = Path(root).expanduser() / kind / key
         try:
@@ -259,49 +265,95 @@ def compute_features(
     ):
         tmp.mkdir(parents=True)
         if cache is None:
-            store = OutputCache(scratch, kind, {})
+            stores = {"": OutputCache(scratch, kind, {})}  # one store, whoever computes
+            base: dict[str, Any] = {}
         else:
             modules = CODE_MODULES[kind] + (ENGINE_MODULES if engine is not None else ())
-            store = OutputCache(cache, kind, {
+            base = {
                 **(cache_record or {}),
                 "format": FORMAT,
                 "extractor": model_digest(extractor),
                 "image_size": image_size,
                 "batch_size": batch_size,  # the shape every batch runs at
                 "recipe": recipe.to_dict(),
-                "engine": "this process" if engine is None else "ray",  # Ray workers may be other machines
-                "machine": machine_record(),  # with Ray the driver's: the workers' are not probed (README)
+                "engine": "this process" if engine is None else "ray",
                 "code": code_digest(modules),
-            })  # fmt: skip
+            }  # fmt: skip
+            # Keyed by the machine that computes: this one, or (Ray) each node type that can host a worker.
+            here = [json.dumps(machine_record(), sort_keys=True, default=str)] if engine is None else engine.machines()
+            stores = {m: OutputCache(cache, kind, {**base, "machine": json.loads(m)}) for m in here}
+        owner: dict[str, OutputCache] = {}  # each stored item's store: the first (in sorted order) that has it
+        for store in stores.values():
+            for item in store.where:
+                owner.setdefault(item, store)
         todo, seen = [], set()  # the first row of each item without a stored output
         for i, item in enumerate(items):
-            if item not in store and item not in seen:
+            if item not in owner and item not in seen:
                 seen.add(item)
                 todo.append(i)
-        gone = [path for path, item in zip(paths, items, strict=True) if item in store and not path.is_file()]
+        gone = [path for path, item in zip(paths, items, strict=True) if item in owner and not path.is_file()]
         if gone:  # a pass from scratch would stop on it (load_or_stop): so does one that reuses its output
             raise UserError(
                 f"{gone[0]} can no longer be read (no such file; {len(gone)} listed images are missing); it was "
                 "readable when prepare scanned data.root. Restore the file, or rerun prepare (`dvc repro -f prepare`)"
             )
+        made_by = {owner[item].machine for item in set(items) if item in owner}  # the machine types of the rows
         if todo:
+            new_items = [items[i] for i in todo]
             if engine is not None:  # its workers load the saved extractor: save it first
                 save_keras(extractor, tmp / EXTRACTOR_FILE)
-                outputs = engine(tmp / EXTRACTOR_FILE, [paths[i] for i in todo], image_size, batch_size, recipe, desc)
+                computed = engine(tmp / EXTRACTOR_FILE, [paths[i] for i in todo], image_size, batch_size, recipe, desc)
+                incoming = Path(cache or scratch).expanduser() / kind / f".incoming-{uuid.uuid4().hex}.npy"
+                incoming.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    machines: list[str] = []  # who computed each row
+
+                    def blocks() -> Iterator[np.ndarray]:
+                        for block, who in computed:
+                            machines.extend(who)
+                            yield block
+
+                    nonfinite, _ = write_rows(incoming, (len(todo), *shape), blocks(), desc)
+                    if len(machines) != len(todo):
+                        raise RuntimeError(
+                            f"{desc}: the engine named a machine for {len(machines)} of {len(todo)} rows"
+                        )
+                    check_values(desc, nonfinite, 1, len(todo), precision)
+                    made_by.update(machines)
+                    for machine, rows in _rows_by(machines).items():
+                        if cache is None:
+                            store = stores[""]
+                        elif machine in stores:
+                            store = stores[machine]
+                        else:  # a node that joined after the probe
+                            store = stores[machine] = OutputCache(cache, kind, {**base, "machine": json.loads(machine)})
+                        _store_rows(store, incoming, rows, [new_items[r] for r in rows], len(todo), desc)
+                        owner.update((new_items[r], store) for r in rows if new_items[r] not in owner)
+                finally:
+                    incoming.unlink(missing_ok=True)
             else:
                 subset = (lambda k, image: transform(todo[k], image)) if transform is not None else None
                 outputs = iter_features(
                     extractor, [paths[i] for i in todo], image_size, batch_size, recipe, desc, subset, threads
                 )
-            npy, csv = store.new_shard()
-            try:
-                nonfinite, _ = write_rows(npy, (len(todo), *shape), outputs, desc)
-                check_values(desc, nonfinite, 1, len(todo), precision)  # never store NaN (zeros: checked below)
-                store.commit(npy, csv, [items[i] for i in todo])
-            finally:
-                if not csv.exists():
-                    npy.unlink(missing_ok=True)
-        nonfinite, nonzero = write_rows(tmp / FEATURES_FILE, (len(paths), *shape), store.read(items), desc)
+                (store,) = stores.values()
+                made_by.add(store.machine)
+                npy, csv = store.new_shard()
+                try:
+                    nonfinite, _ = write_rows(npy, (len(todo), *shape), outputs, desc)
+                    check_values(desc, nonfinite, 1, len(todo), precision)  # never store NaN (zeros: checked below)
+                    store.commit(npy, csv, new_items)
+                finally:
+                    if not csv.exists():
+                        npy.unlink(missing_ok=True)
+                owner.update((item, store) for item in new_items if item not in owner)
+        if len(made_by) > 1:
+            log.warning(
+                "%s: its rows were computed on %d machine types (%s): the last bits of a row depend on its machine "
+                "type, so this output is none of theirs alone; run the pass on nodes of one type (docs/scale.md)",
+                desc, len(made_by), "; ".join(describe(json.loads(m)) for m in sorted(made_by)),
+            )  # fmt: skip
+        nonfinite, nonzero = write_rows(tmp / FEATURES_FILE, (len(paths), *shape), _read_owned(owner, items), desc)
         check_values(desc, nonfinite, nonzero, len(paths), precision)
         write_csv(images.assign(row=np.arange(len(images))), tmp / INDEX_FILE)
         info = {**info, "feature_shape": list(shape), "images": len(paths), "image_recipe": recipe.to_dict()}
@@ -312,6 +364,66 @@ def compute_features(
             if not (tmp / EXTRACTOR_FILE).exists():
                 save_keras(extractor, tmp / EXTRACTOR_FILE)
     return {**info, "computed": len(todo), "reused": len(set(items)) - len(todo)}
+
+
+def describe(machine: dict[str, Any] | None) -> str:
+    """A machine record in a few words: vendor, the kernel-selecting CPU flags, GPUs."""
+    machine = machine or {}
+    gpus = f", {', '.join(machine['gpus'])}" if machine.get("gpus") else ""
+    return f"{machine.get('cpu_vendor')} {'+'.join(machine.get('cpu_flags', [])[-3:]) or 'no listed flags'}{gpus}"
+
+
+def _rows_by(machines: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for row, machine in enumerate(machines):
+        out.setdefault(machine, []).append(row)
+    return out
+
+
+def _store_rows(store: OutputCache, incoming: Path, rows: list[int], items: list[str], total: int, desc: str) -> None:
+    """Publish rows of the pass's output file as a shard of `store`: the file itself when it is all of them."""
+    npy, csv = store.new_shard()
+    try:
+        if len(rows) == total:
+            os.replace(incoming, npy)
+        else:
+            reader = RowReader(incoming)
+
+            def blocks() -> Iterator[np.ndarray]:
+                for start in range(0, len(rows), 256):
+                    chosen = np.asarray(rows[start : start + 256], dtype=np.int64)
+                    out = np.empty((len(chosen), *reader.shape[1:]), dtype=reader.dtype)
+                    reader.gather(chosen, out, np.arange(len(chosen)))
+                    yield out
+
+            try:
+                write_rows(npy, (len(rows), *reader.shape[1:]), blocks(), desc)
+            finally:
+                reader.close()
+        store.commit(npy, csv, items)
+    finally:
+        if not csv.exists():
+            npy.unlink(missing_ok=True)
+
+
+def _read_owned(owner: dict[str, OutputCache], items: list[str], block: int = 256) -> Iterator[np.ndarray]:
+    """The stored outputs of `items` in order, each from its owner store, `block` rows at a time."""
+    stores = {id(owner[item]): owner[item] for item in items}
+    if len(stores) <= 1:
+        yield from next(iter(stores.values())).read(items, block) if stores else iter(())
+        return
+    for start in range(0, len(items), block):
+        chunk = items[start : start + block]
+        out = None
+        for key, store in stores.items():
+            mine = [k for k, item in enumerate(chunk) if id(owner[item]) == key]
+            if not mine:
+                continue
+            part = next(store.read([chunk[k] for k in mine], block=len(mine)))
+            if out is None:
+                out = np.empty((len(chunk), *part.shape[1:]), dtype=part.dtype)
+            out[mine] = part
+        yield out
 
 
 def write_rows(path: Path, shape: tuple[int, ...], blocks: Iterator[np.ndarray], desc: str) -> tuple[int, int]:

@@ -36,11 +36,11 @@ def class_pie_chart(counts: dict[str, int], path: str | Path, title: str = "Clas
     save_figure(fig, path)
 
 
-WITHHELD = "data.show_images is false: no image pixels in the committed plots"
+WITHHELD = "pictures withheld (data.show_images): no image pixels in the committed plots"
 
 
 def withheld_picture(path: str | Path, what: str) -> None:
-    """In place of a picture of images (patients' pixels) when data.show_images is false: a note, so that the
+    """In place of a picture of images (patients' pixels) when data.show_images withholds them: a note, so that the
     DVC output exists and a reviewer sees why it is empty. No pixel of any image is drawn."""
     fig, ax = plt.subplots(figsize=(6, 1.2))
     ax.axis("off")
