@@ -11,6 +11,7 @@ unknown backbone or revision, no input, test sets that cannot be paired).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,29 +23,14 @@ SOME_FAILED_EXIT = 3
 PARAMS_DEFAULT = "params.yaml"
 
 
-def chosen_models(backbone: str, models_dir: Path) -> tuple[list[str], float]:
-    """--backbone's models and the temperature applied after their average: one backbone (no ensemble
-    temperature), or the ensemble compare recorded (its backbones and temperature), never whatever folders exist."""
-    from imgclf.features.backbones import BACKBONES
-    from imgclf.results.predict import ensemble_record
-
-    if backbone == "ensemble":
-        record = ensemble_record(models_dir)
-        return list(record["backbones"]), float(record.get("temperature", 1.0))
-    if backbone in BACKBONES:
-        return [backbone], 1.0
-    raise UserError(
-        f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
-    )
-
-
 def predict_command(args: argparse.Namespace) -> int:
     models_dir = Path(args.models_dir)
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
+    from imgclf.results.predict import chosen_models
+
     names, ensemble_temperature = chosen_models(args.backbone, models_dir)
     ray_options = ray_settings(args) if args.engine == "ray" else {}
-    import os
 
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as the stages (repro.seed_everything)
     import tensorflow as tf
@@ -122,6 +108,8 @@ def export_command(args: argparse.Namespace) -> int:
     from imgclf.results.predict import find_images
 
     models_dir = Path(args.models_dir)
+    from imgclf.results.predict import chosen_models
+
     names, ensemble_temperature = chosen_models(args.backbone, models_dir)
     from imgclf.deploy.export import check_options, check_out_dir
 
@@ -136,8 +124,6 @@ def export_command(args: argparse.Namespace) -> int:
 
         root = Path(load_params(args.params)["data"]["root"])
         paths = check_images_of(Path(args.split_dir) / "test.csv", root)
-    import os
-
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     import tensorflow as tf
 
@@ -232,6 +218,33 @@ def experiments_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace) -> int:
+    for name in ("max_batch", "max_queue", "decode_threads", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive number")
+    if args.max_wait_ms < 0 or args.timeout <= 0 or args.max_body_mb <= 0:
+        raise UserError("--max-wait-ms must be 0 or more, --timeout and --max-body-mb more than 0")
+    try:
+        import prometheus_client  # noqa: F401
+        import python_multipart  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"serve needs {exc.name}, which is not installed; install it with `pip install -r requirements-serve.txt`"
+        ) from None
+    from imgclf.deploy.serve import ServeOptions, serve
+
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    options = ServeOptions(
+        backbone=args.backbone, models_dir=Path(args.models_dir), host=args.host, port=args.port,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), dicom=args.dicom, decode_threads=args.decode_threads,
+        token_file=Path(args.token_file) if args.token_file else None,
+    )  # fmt: skip
+    return serve(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description="imgclf: classify images with trained models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--md", action="store_true", help="a Markdown table, ready to paste into a pull request")
     table.add_argument("dvc_args", nargs="*", help="after --: arguments for dvc exp show")
     table.set_defaults(func=experiments_command)
+    srv = sub.add_parser(
+        "serve",
+        help="serve a trained model over HTTP (Open Inference Protocol V2, /v1/classify, /metrics)",
+        description="Serve a trained model over HTTP: the same decoding, model and calibration as predict "
+        "(docs/serve.md). Needs `pip install -r requirements-serve.txt`.",
+    )
+    srv.add_argument("--backbone", help="vgg16 | vgg19 | mobilenet | xception | ensemble (default: compare's pick)")
+    srv.add_argument("--models-dir", default="models", help="where <backbone>/model.keras are (default: models)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--token-file", help="require Authorization: Bearer <the file's content> (health routes excepted)")
+    srv.add_argument("--max-batch", type=int, default=32, help="images per backbone pass (1: no batching)")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images")
+    srv.add_argument("--max-queue", type=int, default=256, help="images waiting at most; beyond, 503")
+    srv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait; beyond, 503")
+    srv.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body, MB (beyond: 413)")
+    srv.add_argument("--dicom", action="store_true", help="accept DICOM uploads (patient data: see docs/serve.md)")
+    srv.add_argument("--decode-threads", type=int, default=2, help="threads decoding uploads")
+    srv.set_defaults(func=serve_command)
     render = sub.add_parser(
         "render-plots",
         help="render the DVC charts to PNG or SVG, offline (vl-convert)",

@@ -125,7 +125,9 @@ def check_committed(root: Path) -> tuple[dict[str, list[str]], list[str]]:
     if top.returncode != 0 or head.returncode != 0:
         raise _git_refusal(top if top.returncode else head, root)
     top_dir = Path(top.stdout.strip())
-    with tempfile.TemporaryDirectory(prefix="imgclf-lockcheck-") as tmp:
+    # ignore_cleanup_errors: a DVC helper process may still be writing into the clone's site cache as it closes
+    # (seen once under xdist: "Directory not empty"); a leftover temporary folder is not the check's failure.
+    with tempfile.TemporaryDirectory(prefix="imgclf-lockcheck-", ignore_cleanup_errors=True) as tmp:
         clone = Path(tmp) / "clone"
         done = _git(top_dir, "clone", "-q", "--shared", "--no-checkout", str(top_dir), str(clone))
         if done.returncode == 0:

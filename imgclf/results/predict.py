@@ -40,6 +40,21 @@ def ensemble_record(models_dir: str | Path) -> dict[str, Any]:
     return read_json(record)
 
 
+def chosen_models(backbone: str, models_dir: Path) -> tuple[list[str], float]:
+    """--backbone's models and the temperature applied after their average: one backbone (no ensemble
+    temperature), or the ensemble compare recorded (its backbones and temperature), never whatever folders exist."""
+    from imgclf.features.backbones import BACKBONES
+
+    if backbone == "ensemble":
+        record = ensemble_record(models_dir)
+        return list(record["backbones"]), float(record.get("temperature", 1.0))
+    if backbone in BACKBONES:
+        return [backbone], 1.0
+    raise UserError(
+        f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}, or ensemble (all trained ones)"
+    )
+
+
 def soft_vote(calibrated: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
     """The ensemble's probabilities: the members' calibrated probabilities (each renormalised) averaged, then
     the ensemble's own temperature, as compare computes them from the members' predictions.csv: the members are
