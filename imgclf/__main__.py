@@ -219,9 +219,15 @@ def experiments_command(args: argparse.Namespace) -> int:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    for name in ("max_batch", "max_queue", "decode_threads", "port"):
-        if getattr(args, name) < (0 if name == "port" else 1):
+    import math
+
+    for name in ("max_batch", "max_queue", "max_inflight", "decode_threads"):
+        if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive number")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port={args.port} must be 0-65535")
+    if not (math.isfinite(args.max_wait_ms) and math.isfinite(args.timeout) and math.isfinite(args.max_body_mb)):
+        raise UserError("--max-wait-ms, --timeout and --max-body-mb must be finite numbers")
     if args.max_wait_ms < 0 or args.timeout <= 0 or args.max_body_mb <= 0:
         raise UserError("--max-wait-ms must be 0 or more, --timeout and --max-body-mb more than 0")
     try:
@@ -239,6 +245,7 @@ def serve_command(args: argparse.Namespace) -> int:
     options = ServeOptions(
         backbone=args.backbone, models_dir=Path(args.models_dir), host=args.host, port=args.port,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+        max_inflight=args.max_inflight,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), dicom=args.dicom, decode_threads=args.decode_threads,
         token_file=Path(args.token_file) if args.token_file else None,
     )  # fmt: skip
@@ -345,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=32, help="images per backbone pass (1: no batching)")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images")
     srv.add_argument("--max-queue", type=int, default=256, help="images waiting at most; beyond, 503")
+    srv.add_argument(
+        "--max-inflight", type=int, default=64, help="inference requests taken at once (reading, decoding, queued)"
+    )
     srv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait; beyond, 503")
     srv.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body, MB (beyond: 413)")
     srv.add_argument("--dicom", action="store_true", help="accept DICOM uploads (patient data: see docs/serve.md)")
