@@ -252,6 +252,30 @@ def serve_command(args: argparse.Namespace) -> int:
     return serve(options)
 
 
+def explain_command(args: argparse.Namespace) -> int:
+    from imgclf.features.backbones import BACKBONES
+
+    if args.backbone not in BACKBONES:
+        raise UserError(
+            f"--backbone={args.backbone!r}: explain one backbone ({', '.join(BACKBONES)}); an ensemble's maps are "
+            "its members'"
+        )
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    import tensorflow as tf
+
+    from imgclf.results.explain import explain_files
+    from imgclf.results.predict import Classifier, find_images
+
+    tf.get_logger().setLevel("ERROR")
+    paths = find_images(args.inputs)
+    table = explain_files(Classifier.load(Path(args.models_dir) / args.backbone), paths, Path(args.out))
+    failed = int((table.error != "").sum())
+    log.info("explain: %d of %d images explained in %s", len(table) - failed, len(table), args.out)
+    for row in table[table.error != ""].itertuples():
+        log.warning("explain: %s: %s", row.path, row.error)
+    return SOME_FAILED_EXIT if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgclf", description="imgclf: classify images with trained models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -338,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--md", action="store_true", help="a Markdown table, ready to paste into a pull request")
     table.add_argument("dvc_args", nargs="*", help="after --: arguments for dvc exp show")
     table.set_defaults(func=experiments_command)
+    exp_ = sub.add_parser(
+        "explain",
+        help="Grad-CAM and attention maps of new images, with the calibrated probabilities",
+        description="For each image: original | attention | Grad-CAM of the predicted class (docs/explanations.md).",
+    )
+    exp_.add_argument("inputs", nargs="+", help="image files and/or folders")
+    exp_.add_argument("--backbone", required=True, help="vgg16 | vgg19 | mobilenet | xception")
+    exp_.add_argument("--out", required=True, help="folder for one PNG per image and explanations.csv")
+    exp_.add_argument("--models-dir", default="models", help="where <backbone>/model.keras is (default: models)")
+    exp_.set_defaults(func=explain_command)
     srv = sub.add_parser(
         "serve",
         help="serve a trained model over HTTP (Open Inference Protocol V2, /v1/classify, /metrics)",

@@ -100,6 +100,8 @@ SCHEMA: dict[str, Any] = {
         "confidence": "fraction",
         "attention_images_per_class": "posint",
         "calibration_bins": "posint",
+        "explain_images": "posint",
+        "explain_steps": "posint",
     },
     "cv": {"folds": "nonnegint", "repeats": "posint", "inner_val": "fraction"},
     "label_issues": {"show": "nonnegint", "exclude": "bool"},

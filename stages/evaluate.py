@@ -8,7 +8,9 @@ split's predictions, on which compare picks the best model. Every probability wr
 """
 
 import argparse
+from itertools import zip_longest
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,12 +33,14 @@ def main() -> None:
     seed = params["base"]["seed"]
     seed_everything(seed)
 
-    from imgclf.features.backbone_pass import load_or_stop
+    from imgclf.features.backbone_pass import EXTRACTOR_FILE, load_or_stop
+    from imgclf.features.extractor import load_extractor
     from imgclf.features.store import FeatureBatches, FeatureStore
     from imgclf.head.model import attention_model, load_model
+    from imgclf.results import explain
     from imgclf.results.calibration import apply_temperature
     from imgclf.results.evaluation import accuracy_and_loss, evaluate_and_write, write_predictions
-    from imgclf.results.plots import attention_overlay
+    from imgclf.results.plots import attention_overlay, explanation_panels, faithfulness_plot, withheld_picture
     from imgclf.results.predict import Classifier
 
     root = Path(params["data"]["root"])
@@ -98,25 +102,44 @@ def main() -> None:
         bins=params["evaluate"]["calibration_bins"],
     )
 
+    manifest = read_csv(args.manifest)  # patients' images? DICOM anywhere in the dataset (as eda decides)
+    dicom_read = bool(((manifest.status == "ok") & (manifest.format == "DICOM")).any())
+    show = images_shown(params["data"], dicom_read, f"evaluate@{args.backbone}")
+    size = info["image_size"]
+
+    def pixels(rows: list[int]) -> list[np.ndarray]:
+        return [load_or_stop(root / test.path[i], size, recipe) for i in rows]
+
     per_class = params["evaluate"]["attention_images_per_class"]
-    if per_class:
+    if per_class:  # at least 1 (params.py)
         chosen = [i for c in classes for i in np.flatnonzero(test.label.to_numpy() == c)[:per_class]]
-        maps = attention_model(head).predict(features_of(test.iloc[chosen]), verbose=0)  # (n, h, w)
-        manifest = read_csv(args.manifest)  # patients' images? DICOM anywhere in the dataset (as eda decides)
-        dicom_read = bool(((manifest.status == "ok") & (manifest.format == "DICOM")).any())
-        show = images_shown(params["data"], dicom_read, f"evaluate@{args.backbone}")
-        images = [
-            load_or_stop(root / test.path[i], info["image_size"], recipe)
-            if show
-            else np.zeros((info["image_size"], info["image_size"], 3), np.float32)
-            for i in chosen
-        ]
+        chosen_features = features_of(test.iloc[chosen])
+        maps = attention_model(head).predict(chosen_features, verbose=0)  # (n, h, w)
+        images = pixels(chosen) if show else [np.zeros((size, size, 3), np.float32) for _ in chosen]
         predicted = np.asarray(classes)[probs["test"][chosen].argmax(axis=1)]
         titles = [f"{test.label[i]} -> {p}" for i, p in zip(chosen, predicted, strict=True)]
         attention_overlay(
             images, maps, titles, rows=len(classes), path=args.plot_dir / "attention.png",
             title=f"{args.backbone}: where the head attends (actual -> predicted)", show_images=show,
         )  # fmt: skip
+        if show:  # the same images: original | attention | Grad-CAM (of the predicted class)
+            cams = explain.grad_cam(head, chosen_features, probs["test"][chosen].argmax(axis=1), temperature)
+            explanation_panels(
+                images, {"attention": maps, "Grad-CAM": cams}, titles, args.plot_dir / "explanations.png",
+                title=f"{args.backbone}: attention and Grad-CAM of the predicted class (actual -> predicted)",
+            )  # fmt: skip
+        else:
+            withheld_picture(args.plot_dir / "explanations.png", f"{args.backbone}: attention and Grad-CAM")
+
+    # Checked explanations (results/explain.py) on the first test images of each class: sanity and faithfulness.
+    report = explanation_report(
+        head, test, features_of, probs["test"], temperature, params["evaluate"], seed, pixels,
+        extractor=classifier.extractor if info["fine_tuned"] else load_extractor(str(args.features / EXTRACTOR_FILE)),
+    )  # fmt: skip
+    write_json(args.plot_dir / "explanations.json", report)
+    faithfulness_plot(report["faithfulness"], args.plot_dir / "faithfulness.png",
+                      f"{args.backbone}: deletion and insertion ({report['images']} test images)")  # fmt: skip
+    write_json(args.metrics, {**read_json(args.metrics), "explanations": explanation_metrics(report)}, sort_keys=False)
     ci = metrics["ci"]
     cal = metrics["calibration"]
     log.info(
@@ -130,6 +153,58 @@ def main() -> None:
         cal["ece_after"],
         temperature,
     )
+
+
+def explanation_report(
+    head: Any,
+    test: pd.DataFrame,
+    features_of: Any,
+    test_probs: np.ndarray,
+    temperature: float,
+    options: dict[str, Any],
+    seed: int,
+    pixels: Any,
+    extractor: Any,
+) -> dict[str, Any]:
+    """Sanity (model randomisation) and faithfulness (deletion, insertion) of Grad-CAM and attention on up to
+    evaluate.explain_images test images, the first of each class in turn; the predicted class is explained."""
+    from imgclf.results import explain
+    from imgclf.results.calibration import apply_temperature
+
+    labels = test.label.to_numpy()
+    by_class = [list(np.flatnonzero(labels == c)) for c in sorted(set(labels))]
+    rows = [r for group in zip_longest(*by_class) for r in group if r is not None][: options["explain_images"]]
+    predicted = test_probs[rows].argmax(axis=1)
+    features = features_of(test.iloc[rows])
+
+    def predict(batch: np.ndarray) -> np.ndarray:  # called directly: one graph, no retracing per batch shape
+        out = [np.asarray(head(extractor(batch[k : k + 32], training=False), training=False))
+               for k in range(0, len(batch), 32)]  # fmt: skip
+        return apply_temperature(np.concatenate(out).astype(np.float64), temperature)
+
+    maps = explain.explain_maps(head, features, predicted, temperature)
+    return {
+        "images": len(rows),
+        "explained_class": "predicted",
+        "sanity": explain.sanity_check(head, features, predicted, temperature, seed),
+        "faithfulness": explain.deletion_insertion(
+            predict, np.asarray(pixels(rows), np.float32), maps, predicted, options["explain_steps"], seed
+        ),
+    }
+
+
+def explanation_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The tracked numbers (metrics/backbones/<bb>.json): per method the deletion and insertion areas and the
+    sanity correlation, and random order's areas to compare with."""
+    faith, sanity = report["faithfulness"], report["sanity"]
+    out: dict[str, Any] = {}
+    for method in ("gradcam", "attention", "random"):
+        out[f"{method}_deletion_auc"] = faith[method]["deletion"]["auc"]
+        out[f"{method}_insertion_auc"] = faith[method]["insertion"]["auc"]
+    for method in ("gradcam", "attention"):
+        out[f"{method}_sanity_spearman"] = sanity[method]["spearman_all_randomized"]
+        out[f"{method}_sanity_passes"] = sanity[method]["passes"]
+    return out
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ TINY = {
     "train.early_stopping.patience": 3,
     "evaluate.bootstrap": 200,
     "evaluate.attention_images_per_class": 1,
+    "evaluate.explain_images": 6,  # sanity and deletion/insertion on 6 test images, 4 steps: plumbing, not a verdict
+    "evaluate.explain_steps": 4,
     "split.val": 0.2,
     "split.test": 0.25,
     # data.near_duplicates stays at its default, group: the end-to-end runs keep near-copies in one split.

@@ -3,6 +3,7 @@ reviewer and a user do with it: read the metrics, change a param, classify new i
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -217,3 +218,44 @@ def test_a_weights_file_replaced_in_place_reruns_the_backbone_pass(copy_of: Path
     (copy_of / "weights" / "vgg16.h5").write_bytes(b"other weights, same file name")
     status = json.loads(dvc(copy_of, "status", "--json", "features@vgg16").stdout)
     assert {"weights": "modified"} in [item.get("changed deps") for item in status["features@vgg16"]]
+
+
+def test_explanations_are_checked_tracked_and_drawn_and_explain_reads_new_images(trained: Path, tmp_path: Path) -> None:
+    """evaluate@ writes the sanity and faithfulness report, tracks its numbers as metrics and draws the panels;
+    `imgclf explain` gives new images the same panels with predict's probabilities, and an error row for a file
+    it cannot read (exit 3)."""
+    for bb in BACKBONES:
+        report = json.loads((trained / f"plots/backbones/{bb}/explanations.json").read_text())
+        assert report["images"] == 6 and set(report["sanity"]) >= {"gradcam", "attention", "cascade", "threshold"}
+        assert set(report["faithfulness"]) >= {"gradcam", "attention", "random", "fractions"}
+        tracked = json.loads((trained / f"metrics/backbones/{bb}.json").read_text())["explanations"]
+        assert tracked["gradcam_deletion_auc"] == report["faithfulness"]["gradcam"]["deletion"]["auc"]
+        for name in ("explanations.png", "faithfulness.png"):
+            assert (trained / f"plots/backbones/{bb}" / name).stat().st_size > 5000, (bb, name)
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], trained).stdout
+    assert "gradcam_deletion_auc" in shown  # what `dvc metrics diff` compares
+
+    test = read_csv(trained / "data/split/test.csv")
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for p in test.path[:3]:
+        (folder / Path(p).name).write_bytes((trained / "images" / p).read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    out = tmp_path / "explained"
+    result = run([sys.executable, "-m", "imgclf", "explain", "--backbone", BACKBONES[0], "--out", str(out),
+                  str(folder)], trained, check=False)  # fmt: skip
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    table = read_csv(out / "explanations.csv")
+    assert len(table) == 4 and (table.error != "").sum() == 1
+    assert len(list(out.glob("*.png"))) == 3
+    pred = run([sys.executable, "-m", "imgclf", "predict", "--backbone", BACKBONES[0], str(folder)], trained,
+               check=False).stdout  # fmt: skip
+    predicted = pd.read_csv(io.StringIO(pred), keep_default_na=False)
+    assert list(predicted.predicted) == list(table.predicted)
+    columns = [c for c in table.columns if c.startswith("p_")]
+    good = table.error == ""
+    np.testing.assert_allclose(
+        table.loc[good, columns].astype(float).to_numpy(),
+        predicted.loc[good, columns].astype(float).to_numpy(),
+        atol=2e-6,
+    )

@@ -173,6 +173,56 @@ def attention_overlay(
     save_figure(fig, path)
 
 
+def explanation_panels(
+    images: list[np.ndarray], maps: dict[str, np.ndarray], titles: list[str], path: str | Path, title: str
+) -> None:
+    """One row per image: the image | each method's map (e.g. attention, Grad-CAM) laid over it. One colour scale
+    per method for the whole figure (each map divided by the largest value of its method in this figure), so that
+    rows can be compared; the figure says so."""
+    from PIL import Image
+
+    names = list(maps)
+    scale = {name: float(np.max(maps[name])) or 1.0 for name in names}
+    fig, axes = plt.subplots(len(images), 1 + len(names), figsize=(2.2 * (1 + len(names)), 2.3 * len(images)),
+                             squeeze=False)  # fmt: skip
+    for r, (image, label) in enumerate(zip(images, titles, strict=True)):
+        size = image.shape[:2][::-1]
+        axes[r, 0].imshow(image.astype(np.uint8))
+        axes[r, 0].set_title(label, fontsize=8)
+        for c, name in enumerate(names, start=1):
+            scaled = np.asarray(maps[name][r], np.float32) / scale[name]
+            heat = np.asarray(Image.fromarray(scaled, mode="F").resize(size, Image.Resampling.BILINEAR))
+            axes[r, c].imshow(image.astype(np.uint8))
+            axes[r, c].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            axes[r, c].set_title(name, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"{title}\n(colours: each method's maps divided by its largest value in this figure, 0 to 1)",
+                 fontsize=9)  # fmt: skip
+    fig.subplots_adjust(top=1 - 0.7 / fig.get_figheight())  # the title's room, whatever the number of rows
+    save_figure(fig, path)
+
+
+def faithfulness_plot(scores: dict[str, Any], path: str | Path, title: str) -> None:
+    """Deletion and insertion curves (explain.deletion_insertion) per method and for a random order, with their
+    areas in the legend: no image pixels."""
+    fractions = scores["fractions"]
+    methods = [name for name in scores if isinstance(scores[name], dict) and "deletion" in scores[name]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher"), strict=True):
+        for name, color in zip(methods, sns.color_palette("viridis", len(methods)), strict=True):
+            curve = scores[name][kind]
+            style = "--" if name == "random" else "-"
+            ax.plot(fractions, curve["curve"], style, color=color, label=f"{name} (area {curve['auc']:.3f})")
+        ax.set(xlabel=f"fraction of pixels {'removed' if kind == 'deletion' else 'revealed'}, most important first",
+               title=f"{kind} ({better} area is better)", ylim=(0, 1.02))  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("calibrated probability of the predicted class")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
 def comparison_plot(summary: pd.DataFrame, path: str | Path) -> None:
     """Accuracy and macro F1 per model, with their bootstrap intervals as error bars."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(summary) + 2.5), sharey=True)
