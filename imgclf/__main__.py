@@ -268,7 +268,9 @@ def explain_command(args: argparse.Namespace) -> int:
 
     tf.get_logger().setLevel("ERROR")
     paths = find_images(args.inputs)
-    table = explain_files(Classifier.load(Path(args.models_dir) / args.backbone), paths, Path(args.out))
+    table = explain_files(
+        Classifier.load(Path(args.models_dir) / args.backbone), paths, Path(args.out), show_images=not args.no_images
+    )
     failed = int((table.error != "").sum())
     log.info("explain: %d of %d images explained in %s", len(table) - failed, len(table), args.out)
     for row in table[table.error != ""].itertuples():
@@ -371,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp_.add_argument("--backbone", required=True, help="vgg16 | vgg19 | mobilenet | xception")
     exp_.add_argument("--out", required=True, help="folder for one PNG per image and explanations.csv")
     exp_.add_argument("--models-dir", default="models", help="where <backbone>/model.keras is (default: models)")
+    exp_.add_argument(
+        "--no-images", action="store_true", help="draw the maps on black, no pixel of the images (patient data)"
+    )
     exp_.set_defaults(func=explain_command)
     srv = sub.add_parser(
         "serve",

@@ -122,11 +122,21 @@ def main() -> None:
             images, maps, titles, rows=len(classes), path=args.plot_dir / "attention.png",
             title=f"{args.backbone}: where the head attends (actual -> predicted)", show_images=show,
         )  # fmt: skip
-        if show:  # the same images: original | attention | Grad-CAM (of the predicted class)
-            cams = explain.grad_cam(head, chosen_features, probs["test"][chosen].argmax(axis=1), temperature)
+        if show:  # the same images, and as many wrong predictions: original | attention | Grad-CAM (both classes)
+            wrong = np.flatnonzero(probs["test"].argmax(axis=1) != [classes.index(c) for c in test.label])
+            rows = chosen + [int(i) for i in wrong if i not in set(chosen)][:per_class]
+            features = features_of(test.iloc[rows])
+            predicted_index = probs["test"][rows].argmax(axis=1)
+            true_index = np.array([classes.index(c) for c in test.label[rows]])
+            maps_shown = {
+                "attention": explain.attention_maps(head, features),
+                "Grad-CAM, predicted": explain.grad_cam(head, features, predicted_index, temperature),
+                "Grad-CAM, true class": explain.grad_cam(head, features, true_index, temperature),
+            }
+            labels = [f"{test.label[i]} -> {classes[k]}" for i, k in zip(rows, predicted_index, strict=True)]
             explanation_panels(
-                images, {"attention": maps, "Grad-CAM": cams}, titles, args.plot_dir / "explanations.png",
-                title=f"{args.backbone}: attention and Grad-CAM of the predicted class (actual -> predicted)",
+                images + pixels(rows[len(chosen) :]), maps_shown, labels, args.plot_dir / "explanations.png",
+                title=f"{args.backbone}: attention and Grad-CAM (actual -> predicted; the last rows: wrong ones)",
             )  # fmt: skip
         else:
             withheld_picture(args.plot_dir / "explanations.png", f"{args.backbone}: attention and Grad-CAM")
@@ -177,7 +187,7 @@ def explanation_report(
     predicted = test_probs[rows].argmax(axis=1)
     features = features_of(test.iloc[rows])
 
-    def predict(batch: np.ndarray) -> np.ndarray:  # called directly: one graph, no retracing per batch shape
+    def predict(batch: np.ndarray) -> np.ndarray:  # called directly (eagerly): predict() would retrace per shape
         out = [np.asarray(head(extractor(batch[k : k + 32], training=False), training=False))
                for k in range(0, len(batch), 32)]  # fmt: skip
         return apply_temperature(np.concatenate(out).astype(np.float64), temperature)
@@ -202,7 +212,7 @@ def explanation_metrics(report: dict[str, Any]) -> dict[str, Any]:
         out[f"{method}_deletion_auc"] = faith[method]["deletion"]["auc"]
         out[f"{method}_insertion_auc"] = faith[method]["insertion"]["auc"]
     for method in ("gradcam", "attention"):
-        out[f"{method}_sanity_spearman"] = sanity[method]["spearman_all_randomized"]
+        out[f"{method}_sanity_abs_spearman"] = sanity[method]["abs_spearman_all_randomized"]
         out[f"{method}_sanity_passes"] = sanity[method]["passes"]
     return out
 

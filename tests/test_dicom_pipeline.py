@@ -6,6 +6,7 @@ MONOCHROME1 file and its MONOCHROME2 twin alike."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 from dicom_files import JPEG2000Lossless, RLELossless, mono1_twin, tag_values, write_dicom, write_no_pixels
 from helpers import env, make_project, run, shape_image
+from PIL import Image
 from pydicom import dcmread
 
 PATIENTS = 16  # 8 per class, 3 images each
@@ -69,6 +71,9 @@ def test_dicom_folder_runs_end_to_end_without_leaking_a_patient(tmp_path: Path) 
     log = (project / "logs/imgclf.log").read_text(encoding="utf-8")
     for stage in ("eda", "evaluate@mobilenet"):
         assert f"{stage}: no image pixels in the plots (data.show_images: auto and DICOM files are read)" in log
+    with Image.open(project / "plots/backbones/mobilenet/explanations.png") as im:  # a one-line note, no pixels
+        assert im.height * 3 < im.width, im.size
+    assert json.loads((project / "plots/backbones/mobilenet/explanations.json").read_text())["images"] > 0
 
     manifest = pd.read_csv(project / "data/prepared/manifest.csv", dtype=str, keep_default_na=False)
     exports = project / "exports"

@@ -22,10 +22,9 @@ SIZE = 128  # an 8 x 8 feature map (local_extractor): a quadrant is 16 of its 64
 
 def shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images of noise with one shape (horizontal bar, vertical bar, square or ring: the class) in a random
-    quadrant, the deciding region, and noise elsewhere. (With a bright checkerboard patch that says nothing of the
-    class in another quadrant, Grad-CAM's peak found the shape in 58% of the images and the attention map's in
-    100%: docs/explanations.md, what the maps cannot show.) Returns the images, the labels and each shape's quadrant
-    (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)."""
+    quadrant, the deciding region, and noise elsewhere (bench/explain_controls.py adds a class-irrelevant
+    checkerboard, which Grad-CAM fails: docs/explanations.md). Returns the images, the labels and each shape's
+    quadrant (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)."""
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 40, (n, SIZE, SIZE)).astype(np.float32)
     labels = rng.integers(0, 4, n)
@@ -38,10 +37,8 @@ def shapes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def local_extractor() -> keras.Model:
-    """Three random-init convolutions (receptive field about 40 px) to an 8 x 8 map: each position sees its own
-    part of the image. (Random-init VGG16's block-5 positions each see nearly the whole 128 px image: with
-    ImageNet weights, out of reach offline, Grad-CAM localises; with random ones no map can, and Grad-CAM found
-    the shape's quadrant in 50% of these images, attention in 71%.)"""
+    """Three random-init convolutions (receptive field 29 px) to an 8 x 8 map: each position sees its own part of
+    the image. (Random-init VGG16's block-5 positions each see nearly the whole 128 px image.)"""
     return keras.Sequential([
         keras.Input((SIZE, SIZE, 3)), keras.layers.Rescaling(1 / 255.0),
         keras.layers.Conv2D(16, 5, strides=2, padding="same", activation="relu"),
@@ -68,7 +65,7 @@ def trained() -> dict[str, Any]:
     head.fit(features[train], labels[train], epochs=40, batch_size=32, verbose=0)
     predicted = head.predict(features[test], verbose=0).argmax(axis=1)
     accuracy = float((predicted == labels[test]).mean())
-    assert accuracy >= 0.9, f"the premise: the head learns the top-left bar ({accuracy:.2f})"
+    assert accuracy >= 0.9, f"the premise: the head learns the shapes ({accuracy:.2f})"
     return {"extractor": extractor, "head": head, "images": images[test], "features": features[test],
             "labels": labels[test], "predicted": predicted, "where": where[test]}  # fmt: skip
 
@@ -85,20 +82,21 @@ def test_grad_cam_peaks_in_the_deciding_region(trained: dict[str, Any]) -> None:
     t = trained
     maps = explain.grad_cam(t["head"], t["features"], t["predicted"])
     assert peak_in_region(maps, t["where"]) >= 0.9, peak_in_region(maps, t["where"])
-    # Broken variants: another class's gradient (the shape is the only thing in the image, so that class's
-    # evidence lies there too, but less often: 84%), and the map's rows and columns swapped (a reshape bug).
-    wrong_class = explain.grad_cam(t["head"], t["features"], (t["predicted"] + 1) % 4)
-    assert peak_in_region(wrong_class, t["where"]) < 0.9
+    # Broken variant: the map's rows and columns swapped (a reshape bug). Not a broken variant here: another
+    # class's gradient, or a randomised head's, also point at the shape, the only thing in these images
+    # (bench/explain_controls.py; docs/explanations.md): this check shows Grad-CAM finds the object, not that it
+    # explains this model; the sanity check below is the one that tells.
     assert peak_in_region(maps.transpose(0, 2, 1), t["where"]) < 0.9
 
 
 def test_a_randomised_head_gives_other_maps_and_the_check_sees_it(trained: dict[str, Any], monkeypatch) -> None:
     t = trained
     report = explain.sanity_check(t["head"], t["features"], t["predicted"], temperature=1.0)
-    assert report["gradcam"]["passes"] and report["gradcam"]["spearman_all_randomized"] < 0.5, report
+    for method in explain.METHODS:  # both maps change when the whole head is randomised
+        assert report[method]["passes"] and report[method]["abs_spearman_all_randomized"] < 0.5, report
     assert [step["randomized"][-1] for step in report["cascade"]] == list(explain.CASCADE)
     # The attention map is computed below the top layers: randomising those alone cannot change it.
-    assert report["cascade"][0]["attention"] == 1.0
+    assert report["cascade"][0]["attention"]["spearman"] == 1.0
     monkeypatch.setattr(explain, "randomized", lambda head, layers, seed: head)  # broken: nothing re-initialised
     broken = explain.sanity_check(t["head"], t["features"], t["predicted"], temperature=1.0)
     assert not broken["gradcam"]["passes"] and not broken["attention"]["passes"]
@@ -107,8 +105,8 @@ def test_a_randomised_head_gives_other_maps_and_the_check_sees_it(trained: dict[
 def test_the_maps_order_pixels_better_than_chance(trained: dict[str, Any]) -> None:
     """Insertion: revealing Grad-CAM's most important pixels first recovers the class sooner than a random order;
     deletion: removing the attention map's first loses it sooner. (Grad-CAM's deletion area is no better than
-    random's on this model, 0.37 against 0.35: its positive region spills beyond the shape at 8 x 8, and the
-    report says so rather than hide it; docs/explanations.md.)"""
+    random's on this model, 0.39 against 0.36, and a randomised head's Grad-CAM wins at insertion too:
+    bench/explain_controls.py, docs/explanations.md.)"""
     t = trained
     classifier = keras.Sequential([t["extractor"], t["head"]])
     images, predicted, features = t["images"][:24], t["predicted"][:24], t["features"][:24]

@@ -199,7 +199,7 @@ def explanation_panels(
         ax.axis("off")
     fig.suptitle(f"{title}\n(colours: each method's maps divided by its largest value in this figure, 0 to 1)",
                  fontsize=9)  # fmt: skip
-    fig.subplots_adjust(top=1 - 0.7 / fig.get_figheight())  # the title's room, whatever the number of rows
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))  # the title's room, whatever the rows
     save_figure(fig, path)
 
 
