@@ -19,8 +19,8 @@ must be its 4xx, no 5xx; the service's resident memory (VmRSS, sampled every 10 
 tenth of the soak, at least 30 s, of the same traffic) and at the end: growth at most 10%.
 
 overload: requests sent open-loop at 4x the batched concurrency-32 rate for 20 s (a queue of 64 images), then
-at half the rate for 20 s while the backlog drains, then 10 s more at half the rate: 503s with Retry-After
-during the overload, no crash, and every request of the last 10 s answered 200 (it recovered).
+at half the rate for 90 s in 10-s windows: 503s with Retry-After during the overload, no crash, and the first
+window whose every request was answered 200 (it recovered).
 
 Writes bench/results-serve.json and prints a summary.
 """
@@ -302,7 +302,7 @@ def verdicts(report: dict[str, Any]) -> dict[str, bool]:
         over = report["overload"]
         out["overload: 503s at 4x"] = over["at_4x"]["codes"].get("503", 0) > 0
         out["overload: no crash"] = over["alive_after"] and over["exit_code"] == 0
-        out["overload: all 200 once the rate drops"] = set(over["after"]["codes"]) == {"200"}
+        out["overload: all 200 within 90 s of the rate dropping"] = over["first_window_all_200"] is not None
     return out
 
 
@@ -357,14 +357,22 @@ def main() -> None:
             print(f"soak: {report['soak']}", flush=True)
 
         if "overload" not in args.skip:
-            sustainable = report["throughput"]["batched"][-1]["images_per_s"] if "throughput" in report else 100.0
+            previous = ROOT / "bench/results-serve.json"  # the last full run's rate, when throughput is skipped
+            sustainable = (
+                report["throughput"]["batched"][-1]["images_per_s"]
+                if "throughput" in report
+                else json.loads(previous.read_text())["throughput"]["batched"][-1]["images_per_s"]
+            )
             seconds = 10.0 if args.quick else 20.0
             with Service(model, "--max-queue", "64") as service:
-                phases = [("at_4x", 4 * sustainable, seconds), ("at_half", 0.5 * sustainable, seconds),
-                          ("after", 0.5 * sustainable, seconds / 2)]  # fmt: skip
+                # After the overload, half the rate for 90 s in 10-s windows: when does every answer come back 200?
+                phases = [("at_4x", 4 * sustainable, seconds)]
+                phases += [(f"after_{10 * k}s", 0.5 * sustainable, 10.0) for k in range(1, 10)]
                 result = asyncio.run(open_loop(service.url, bodies[0], phases))
                 alive = service.process.poll() is None
-            report["overload"] = {**result, "alive_after": alive, "exit_code": service.exit_code}
+            recovered = [name for name, record in result.items() if name != "at_4x" and set(record["codes"]) == {"200"}]
+            report["overload"] = {**result, "alive_after": alive, "exit_code": service.exit_code,
+                                  "first_window_all_200": recovered[0] if recovered else None}  # fmt: skip
             print(f"overload: {report['overload']}", flush=True)
 
     report["targets"] = verdicts(report)
