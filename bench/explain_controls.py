@@ -44,24 +44,11 @@ def measure(distractor: bool) -> dict[str, Any]:
     import keras
     import test_explain as t
 
-    from imgclf.head.model import build_attention_head
     from imgclf.results import explain
 
-    keras.utils.set_random_seed(3)
-    extractor = t.local_extractor()
-    images, labels, where = t.shapes(400, seed=0)
-    if distractor:
-        images = with_checkerboard(images, where, seed=0)
-    features = extractor.predict(images, batch_size=32, verbose=0)
-    train, test = slice(0, 320), slice(320, 400)
-    head = build_attention_head(
-        features.shape[1:], 4, token_dim=32, heads=2, key_dim=16, dense_units=32, dropout=0.1, noise_stddev=0.0,
-        feature_mean=features[train].mean(axis=(0, 1, 2)), feature_variance=features[train].var(axis=(0, 1, 2)),
-    )  # fmt: skip
-    head.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
-    head.fit(features[train], labels[train], epochs=40, batch_size=32, verbose=0)
-    f, w = features[test], where[test]
-    predicted = head.predict(f, verbose=0).argmax(axis=1)
+    setup = t.train_on_shapes((lambda images, where: with_checkerboard(images, where, seed=0)) if distractor else None)
+    extractor, head, images, f, w = (setup[k] for k in ("extractor", "head", "images", "features", "where"))
+    predicted = setup["predicted"]
     random_head = explain.randomized(head, list(explain.CASCADE), 0)
     pointing = {
         "gradcam": t.peak_in_region(explain.grad_cam(head, f, predicted), w),
@@ -80,12 +67,12 @@ def measure(distractor: bool) -> dict[str, Any]:
     maps = explain.explain_maps(head, f[:n], predicted[:n], 1.0)
     controls = explain.explain_maps(random_head, f[:n], predicted[:n], 1.0)
     maps |= {f"{name}_randomised_head": m for name, m in controls.items()}
-    scores = explain.deletion_insertion(predict, images[test][:n], maps, predicted[:n], steps=10)
+    scores = explain.deletion_insertion(predict, images[:n], maps, predicted[:n], steps=10)
     areas = {
         name: {k: v["auc"] for k, v in value.items()} for name, value in scores.items() if name in [*maps, "random"]
     }
     return {
-        "accuracy": float((predicted == labels[test]).mean()),
+        "accuracy": setup["accuracy"],
         "pointing": pointing,
         "areas": areas,
         "sanity": explain.sanity_check(head, f[:n], predicted[:n], 1.0)["gradcam"],

@@ -84,6 +84,12 @@ def test_metrics_agree_with_predictions(trained: Path, name: str) -> None:
     metrics = read(trained, f"{folder}/report.json")  # every number; the tracked metrics are its headline
     tracked = read(trained, "metrics/ensemble.json" if name == "ensemble" else f"metrics/backbones/{name}.json")
     val = read_csv(trained / folder / "val_predictions.csv")
+    if name != "ensemble":  # a backbone's explanation checks (explanations.json) are tracked too
+        report = read(trained, f"{folder}/explanations.json")
+        explained = tracked.pop("explanations")
+        assert explained["gradcam_insertion_auc"] == report["faithfulness"]["gradcam"]["insertion"]["auc"]
+        assert explained["attention_sanity_passes"] == report["sanity"]["attention"]["passes"]
+        assert len(explained) == 10
     assert tracked == {
         "val_accuracy": pytest.approx((val.actual == val.predicted).mean(), abs=1e-6),
         "val_loss": pytest.approx(
