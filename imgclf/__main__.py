@@ -27,19 +27,22 @@ def predict_command(args: argparse.Namespace) -> int:
     models_dir = Path(args.models_dir)
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be a positive number of images per forward pass")
-    from imgclf.results.predict import chosen_models
+    from imgclf.results.predict import check_model_dir, chosen_models, find_images
 
     names, ensemble_temperature = chosen_models(args.backbone, models_dir)
     ray_options = ray_settings(args) if args.engine == "ray" else {}
+    # Usage errors before TensorFlow's import (seconds of CPU): a wrong folder or input is answered at once.
+    for name in names:
+        check_model_dir(models_dir / name)
+    paths = find_images(args.inputs)
 
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")  # as the stages (repro.seed_everything)
     import tensorflow as tf
 
-    from imgclf.results.predict import Classifier, classify, find_images
+    from imgclf.results.predict import Classifier, classify
 
     tf.get_logger().setLevel("ERROR")  # retracing notices (one predict function per model) are not the user's concern
 
-    paths = find_images(args.inputs)
     classifiers = [Classifier.load(models_dir / name) for name in names]
     if args.engine == "ray":
         from imgclf.results.predict_ray import classify_on_ray
@@ -124,6 +127,10 @@ def export_command(args: argparse.Namespace) -> int:
 
         root = Path(load_params(args.params)["data"]["root"])
         paths = check_images_of(Path(args.split_dir) / "test.csv", root)
+    from imgclf.results.predict import check_model_dir
+
+    for name in names:
+        check_model_dir(models_dir / name)
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     import tensorflow as tf
 
@@ -260,14 +267,17 @@ def explain_command(args: argparse.Namespace) -> int:
             f"--backbone={args.backbone!r}: explain one backbone ({', '.join(BACKBONES)}); an ensemble's maps are "
             "its members'"
         )
+    from imgclf.results.predict import check_model_dir, find_images
+
+    check_model_dir(Path(args.models_dir) / args.backbone)  # usage errors before TensorFlow's import
+    paths = find_images(args.inputs)
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     import tensorflow as tf
 
     from imgclf.results.explain import explain_files
-    from imgclf.results.predict import Classifier, find_images
+    from imgclf.results.predict import Classifier
 
     tf.get_logger().setLevel("ERROR")
-    paths = find_images(args.inputs)
     table = explain_files(
         Classifier.load(Path(args.models_dir) / args.backbone), paths, Path(args.out), show_images=not args.no_images
     )

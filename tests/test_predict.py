@@ -16,10 +16,19 @@ from helpers import E2E_BACKBONES, env
 pytestmark = pytest.mark.slow
 
 
-def predict(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "imgclf", "predict", *args], cwd=cwd, env=env(cwd), capture_output=True, text=True
-    )
+def predict(cwd: Path, *args: str, without_tensorflow: bool = False) -> subprocess.CompletedProcess:
+    return imgclf(cwd, "predict", *args, without_tensorflow=without_tensorflow)
+
+
+def imgclf(cwd: Path, *args: str, without_tensorflow: bool = False) -> subprocess.CompletedProcess:
+    """`python -m imgclf ARGS`; `without_tensorflow`: with TensorFlow and Keras made unimportable, so that a
+    command that imports them fails with a traceback."""
+    cmd = [sys.executable, "-m", "imgclf", *args]
+    if without_tensorflow:
+        code = "import sys; sys.modules['tensorflow'] = None; sys.modules['keras'] = None; import runpy; "
+        code += f"sys.argv = ['imgclf', *{list(args)!r}]; runpy.run_module('imgclf', run_name='__main__')"
+        cmd = [sys.executable, "-c", code]
+    return subprocess.run(cmd, cwd=cwd, env=env(cwd), capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -87,11 +96,27 @@ def test_ensemble_averages_the_backbones_and_works_from_outside_the_repo(trained
     ],
 )
 def test_usage_errors_give_one_line_and_exit_2(trained, tmp_path, args, message):
+    """Each before TensorFlow is imported (it would cost seconds): here it cannot be, so a late check fails."""
     empty = tmp_path / "empty"  # not in the shared trained project
     empty.mkdir()
     args = [str(empty) if a == "empty" else a for a in args]
     message = message.replace("empty", str(empty))
-    result = predict(trained, *args)
+    result = predict(trained, *args, without_tensorflow=True)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["explain", "--backbone", "vgg19", "--out", "explained", "images/hbar"],
+        ["export", "--backbone", "vgg19", "--format", "savedmodel", "--out", "exported"],  # onnx: tf2onnx needs TF
+    ],
+    ids=["explain", "export"],
+)
+def test_explain_and_export_name_a_missing_model_before_importing_tensorflow(trained, tmp_path, args):
+    args = [str(tmp_path / a) if a in ("explained", "exported") else a for a in args]  # not in the shared project
+    result = imgclf(trained, *args, without_tensorflow=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "no trained model in models/vgg19" in result.stderr and "Traceback" not in result.stderr

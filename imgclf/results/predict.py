@@ -64,6 +64,18 @@ def soft_vote(calibrated: list[np.ndarray], temperature: float = 1.0) -> np.ndar
     return apply_temperature(mean / mean.sum(axis=1, keepdims=True), temperature)
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    """The folder of one trained backbone, or one UserError if it lacks model.keras or info.json: the commands
+    call it before they import TensorFlow, so that a wrong folder is answered in a fraction of a second."""
+    model_dir = Path(model_dir)
+    if not (model_dir / MODEL_FILE).is_file() or not (model_dir / "info.json").is_file():
+        raise UserError(
+            f"no trained model in {model_dir} (expected {MODEL_FILE} and info.json); "
+            "run `dvc repro` first, or pass --models-dir pointing at the folder that holds <backbone>/model.keras"
+        )
+    return model_dir
+
+
 @dataclass
 class Classifier:
     name: str
@@ -76,12 +88,7 @@ class Classifier:
     def load(cls, model_dir: str | Path) -> Classifier:
         from imgclf.head.model import load_model
 
-        model_dir = Path(model_dir)
-        if not (model_dir / MODEL_FILE).is_file() or not (model_dir / "info.json").is_file():
-            raise UserError(
-                f"no trained model in {model_dir} (expected {MODEL_FILE} and info.json); "
-                "run `dvc repro` first, or pass --models-dir pointing at the folder that holds <backbone>/model.keras"
-            )
+        model_dir = check_model_dir(model_dir)
         full = load_model(str(model_dir / MODEL_FILE))
         info = read_json(model_dir / "info.json")
         extractor, head = full.get_layer(f"{info['backbone']}_extractor"), full.get_layer("head")
