@@ -108,11 +108,9 @@ def ray_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from imgclf.results.predict import find_images
+    from imgclf.results.predict import check_model_dir, chosen_models, find_images
 
     models_dir = Path(args.models_dir)
-    from imgclf.results.predict import chosen_models
-
     names, ensemble_temperature = chosen_models(args.backbone, models_dir)
     from imgclf.deploy.export import check_options, check_out_dir
 
@@ -127,8 +125,6 @@ def export_command(args: argparse.Namespace) -> int:
 
         root = Path(load_params(args.params)["data"]["root"])
         paths = check_images_of(Path(args.split_dir) / "test.csv", root)
-    from imgclf.results.predict import check_model_dir
-
     for name in names:
         check_model_dir(models_dir / name)
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
